@@ -1,0 +1,24 @@
+"""samgs_optax: SAM-GS and multi-task gradient aggregators as optax transforms.
+
+Every aggregator consumes *stacked per-task gradients* (each leaf has a leading
+task axis of length K, as :func:`value_and_jacrev` returns them) and produces
+one update shaped like the parameters, ready to chain with any optax optimizer.
+"""
+
+from samgs_optax.finite import ApplyIfFiniteState, apply_if_finite
+from samgs_optax.jacobian import value_and_jacrev
+from samgs_optax.samgs import SamgsState, samgs
+from samgs_optax.similarity import magnitude_similarity, pairwise_similarity, task_norms
+
+__all__ = [
+    "ApplyIfFiniteState",
+    "SamgsState",
+    "apply_if_finite",
+    "magnitude_similarity",
+    "pairwise_similarity",
+    "samgs",
+    "task_norms",
+    "value_and_jacrev",
+]
+
+__version__ = "0.1.0"
