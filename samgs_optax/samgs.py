@@ -152,7 +152,7 @@ def samgs(
         count = optax.safe_increment(state.count)  # t <- t + 1
         norms = task_norms(g, scalar)  # n_k = ||g_k||_2 over every shared leaf
         psi_mean, psi_min = magnitude_similarity(norms)  # Psi = mean_{i<j} psi_ij
-        m = optax.tree.update_moment(g, state.m, b1, 1)  # m_k <- b1 m_k + (1-b1) g_k
+        m = jax.tree.map(lambda gl, ml: _ema(gl, ml, b1), g, state.m)  # m_k <- b1 m_k + (1-b1) g_k
         h = b2 * state.h + (1 - b2) * (1 - psi_mean) ** 2 + eps  # h <- b2 h + ... + eps
         m_hat_scale = 1 / (1 - jnp.asarray(b1, scalar) ** count)  # m^ = m / (1 - b1^t)
         h_hat = h / (1 - jnp.asarray(b2, scalar) ** count)  # h^ = h / (1 - b2^t)
@@ -178,6 +178,12 @@ def samgs(
         return _merge(out, heads), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _ema(g: jax.Array, m: jax.Array, decay: Any) -> jax.Array:
+    """decay * m + (1 - decay) * g, in at least float32 even when m is stored smaller."""
+    dtype = jnp.promote_types(jnp.promote_types(g.dtype, m.dtype), jnp.float32)
+    return decay * m.astype(dtype) + (1 - decay) * g.astype(dtype)
 
 
 def _combine(g: jax.Array, m: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
