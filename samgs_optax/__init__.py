@@ -5,12 +5,19 @@ task axis of length K, as :func:`value_and_jacrev` returns them) and produces
 one update shaped like the parameters, ready to chain with any optax optimizer.
 """
 
+from samgs_optax.aggregators import AGGREGATORS, linear_scalarization
 from samgs_optax.finite import ApplyIfFiniteState, apply_if_finite
+from samgs_optax.gramian import GramianWeightingState, gramian, gramian_weighting
 from samgs_optax.jacobian import value_and_jacrev
 from samgs_optax.samgs import SamgsState, samgs
 from samgs_optax.similarity import magnitude_similarity, pairwise_similarity, task_norms
 
 __all__ = [
+    "AGGREGATORS",
+    "GramianWeightingState",
+    "gramian",
+    "gramian_weighting",
+    "linear_scalarization",
     "ApplyIfFiniteState",
     "SamgsState",
     "apply_if_finite",
