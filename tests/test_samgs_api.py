@@ -100,10 +100,8 @@ def test_mask_heads_get_plain_sum_and_no_moments(mask):
     outs, state = _run(samgs_optax.samgs(K, mask=mask), grads)
     assert isinstance(state.m["dense"]["b"], MaskedNode)
     assert isinstance(state.m["scale"], MaskedNode)
-    # Shared leaves (conv, dense.w) follow the reference on the shared part only.
-    shared_cols = np.r_[0:18, 18:38]  # conv (18) then dense.w (20) in leaf order? check below
-    order = [p for p, _ in jax.tree_util.tree_leaves_with_path(PARAMS)]
-    names = [jax.tree_util.keystr(p) for p in order]
+    # Shared leaves (conv, dense.w) follow the reference on the shared columns only.
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(PARAMS)]
     sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(PARAMS)]
     offsets = np.cumsum([0, *sizes])
     shared = [i for i, n in enumerate(names) if n in ("['conv']", "['dense']['w']")]
