@@ -346,6 +346,30 @@ def variant_markdown(title: str, runs: Sequence[Run], note: str = "") -> list[st
     return lines + [""]
 
 
+def dtype_markdown(base: Sequence[Run], other: Sequence[Run]) -> list[str]:
+    """SAM-GS with the other moment dtype, start by start against the main runs."""
+    a, b = base[0].m_dtype, other[0].m_dtype
+    lines = [
+        f"### Variant: SAM-GS moments in {b} (main runs: {a})",
+        "",
+        f"| problem | start | final x ({a}) | final x ({b}) | distance between them "
+        f"| L1+L2 - optimum ({a} / {b}) | reached ({a} / {b}) | first step ({a} / {b}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ra, rb in zip(base, other, strict=True):
+        for x, y in zip(ra.rows, rb.rows, strict=True):
+            gap = float(np.linalg.norm(np.subtract(x["final_x"], y["final_x"])))
+            yes = {True: "yes", False: "no"}
+            lines.append(
+                f"| {ra.problem} | {_fmt_start(x['start'])} | {_fmt_x(x['final_x'])} "
+                f"| {_fmt_x(y['final_x'])} | {gap:.3f} | {x['sum_gap']:.1e} / {y['sum_gap']:.1e} "
+                f"| {yes[x['reached']]} / {yes[y['reached']]} "
+                f"| {x['first_step'] or '-'} / {y['first_step'] or '-'} |"
+            )
+        lines.append(f"| {ra.problem} | summary | | | | | {reached(ra)} / {reached(rb)} | |")
+    return lines + [""]
+
+
 def run_json(run: Run) -> dict[str, Any]:
     return {
         "problem": run.problem,
@@ -405,6 +429,18 @@ def _run_from_json(d: dict[str, Any]) -> Run:
     return run
 
 
+def library_state() -> str:
+    """git commit of the checkout, and whether samgs_optax/ has uncommitted edits."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        res = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True)
+        return res.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "samgs_optax")
+    return git("rev-parse", "--short", "HEAD") + (" (samgs_optax/ modified)" if dirty else "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -436,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants: dict[str, list[dict[str, Any]]] = {}
     if not args.no_variants:
         t0 = time.perf_counter()
-        variants = run_variants(args, problems, md)
+        variants = run_variants(args, problems, md, runs)
         timings["variants"] = time.perf_counter() - t0
     timings["total_in_process"] = time.perf_counter() - t_start
     md += ["Timings (s, this run): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
@@ -446,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "synthetic_results.md").write_text(text)
     payload = {
+        "library_state": library_state(),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "settings": {k: str(v) for k, v in vars(args).items()},
@@ -460,13 +497,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_variants(
-    args: argparse.Namespace, problems: Sequence[str], md: list[str]
+    args: argparse.Namespace,
+    problems: Sequence[str],
+    md: list[str],
+    runs: dict[str, list[Run]],
 ) -> dict[str, list[dict[str, Any]]]:
     """bfloat16 moments, long runs and no-FMA runs; appends their tables to ``md``."""
     out: dict[str, list[dict[str, Any]]] = {}
     other = "bfloat16" if args.m_dtype == "float32" else "float32"
     dtype_runs = [run_method(p, "samgs", args.steps, args.lr, other) for p in problems]
-    md += variant_markdown(f"Variant: SAM-GS with {other} moments", dtype_runs)
+    base = {r.problem: r for p in problems for r in runs[p] if r.method == "samgs"}
+    if len(base) == len(problems):
+        md += dtype_markdown([base[p] for p in problems], dtype_runs)
+    else:
+        md += variant_markdown(f"Variant: SAM-GS with {other} moments", dtype_runs)
     out[f"samgs_m_{other}"] = [run_json(r) for r in dtype_runs]
     if args.long_steps:
         long_runs = [
