@@ -188,9 +188,32 @@ def _ema(g: jax.Array, m: jax.Array, decay: Any) -> jax.Array:
 
 def _combine(g: jax.Array, m: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
     """sum_k g_k * (a_k + c |m_k|) over the leading task axis, in g's dtype."""
-    expand = (slice(None),) + (None,) * (g.ndim - 1)
-    weight = a[expand] + c * jnp.abs(m.astype(a.dtype))
-    return jnp.sum(g * weight, axis=0).astype(g.dtype)
+    terms = [g[k] * (a[k] + c * jnp.abs(m[k].astype(a.dtype))) for k in range(g.shape[0])]
+    return _sum_terms(terms).astype(g.dtype)
+
+
+def _task_sum(x: jax.Array) -> jax.Array:
+    """sum_k x_k over the leading task axis, accumulated in >= float32 as jnp.sum does."""
+    acc = (
+        jnp.promote_types(x.dtype, jnp.float32)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else x.dtype
+    )
+    return _sum_terms([x[k].astype(acc) for k in range(x.shape[0])]).astype(x.dtype)
+
+
+def _sum_terms(terms: list[jax.Array]) -> jax.Array:
+    """t_0 + t_1 + ... + t_{K-1}, written out term by term (performance only).
+
+    ``jnp.sum(x, axis=0)`` over the leading task axis is lowered by XLA:CPU to a
+    library reduction that runs ~10x slower than memory speed; the unrolled sum
+    of K slices fuses into one elementwise pass that reads each input once
+    (``benchmarks/bench_update.py``). The result is the same sum, left to right.
+    """
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _is_masked(x: Any) -> bool:
@@ -225,7 +248,7 @@ def _split(updates: PyTree, moments: PyTree) -> tuple[PyTree, PyTree]:
 def _merge(shared_out: PyTree, heads: PyTree) -> PyTree:
     """Merges the surgery output with the plain task sum of the head leaves."""
     return jax.tree.map(
-        lambda s, hd: jnp.sum(hd, axis=0) if _is_masked(s) else s,
+        lambda s, hd: _task_sum(hd) if _is_masked(s) else s,
         shared_out,
         heads,
         is_leaf=_is_masked,
