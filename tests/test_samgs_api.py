@@ -46,7 +46,7 @@ def _assert_trees_equal(a, b):
 
 
 def test_jit_and_eager_agree():
-    grads, _ = _sequence(steps=6)
+    grads, _ = _sequence(steps=4)
     tx = samgs_optax.samgs(K)
     eager, eager_state = _run(tx, grads, jit=False)
     jitted, jit_state = _run(tx, grads, jit=True)
