@@ -5,7 +5,22 @@ task axis of length K, as :func:`value_and_jacrev` returns them) and produces
 one update shaped like the parameters, ready to chain with any optax optimizer.
 """
 
-from samgs_optax.aggregators import AGGREGATORS, linear_scalarization
+from samgs_optax.aggregators import (
+    AGGREGATORS,
+    GradDropState,
+    NashMTLState,
+    PCGradState,
+    aligned_mtl,
+    cagrad,
+    dualproj,
+    graddrop,
+    imtl_g,
+    linear_scalarization,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    upgrad,
+)
 from samgs_optax.finite import ApplyIfFiniteState, apply_if_finite
 from samgs_optax.gramian import GramianWeightingState, gramian, gramian_weighting
 from samgs_optax.jacobian import value_and_jacrev
@@ -14,10 +29,22 @@ from samgs_optax.similarity import magnitude_similarity, pairwise_similarity, ta
 
 __all__ = [
     "AGGREGATORS",
+    "GradDropState",
     "GramianWeightingState",
+    "NashMTLState",
+    "PCGradState",
+    "aligned_mtl",
+    "cagrad",
+    "dualproj",
+    "graddrop",
     "gramian",
     "gramian_weighting",
+    "imtl_g",
     "linear_scalarization",
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
+    "upgrad",
     "ApplyIfFiniteState",
     "SamgsState",
     "apply_if_finite",

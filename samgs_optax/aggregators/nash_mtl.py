@@ -1,0 +1,146 @@
+"""Nash-MTL (Navon et al. 2022): multi-task learning as a bargaining game."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from samgs_optax import _validation
+from samgs_optax.aggregators._solvers import bargaining, bargaining_residual
+from samgs_optax.gramian import Mask, combine, gramian, merge, resolve_layout, split
+
+PyTree = Any
+
+
+class NashMTLState(NamedTuple):
+    """State of :func:`nash_mtl`.
+
+    Attributes:
+      shared: shared-leaf layout (see :class:`~samgs_optax.gramian.GramianWeightingState`).
+      count: number of steps taken (int32).
+      alpha: the last bargaining solution :math:`\\alpha` (before the norm
+        clip), reused between solves and as the next warm start; starts at ones.
+      weights: task weights applied at the last step (after the clip), shape (K,).
+      residual: :math:`\\max_i |\\alpha_i (G\\alpha)_i - 1|` at the last solve (diagnostic).
+    """
+
+    shared: PyTree
+    count: chex.Array
+    alpha: chex.Array
+    weights: chex.Array
+    residual: chex.Array
+
+
+def nash_mtl_weights(
+    g: jax.Array, alpha0: jax.Array, *, optim_niter: int = 20, tol: float = 1e-6
+) -> tuple[jax.Array, jax.Array]:
+    r"""Solves :math:`G\alpha = 1/\alpha` for the Gramian ``g``, warm-started at ``alpha0``.
+
+    Solved on :math:`\hat G = G / \|G\|_F` (as the authors normalise) by
+    :func:`~samgs_optax.aggregators._solvers.bargaining`, then mapped back:
+    :math:`\alpha = \hat\alpha / \sqrt{\|G\|_F}` solves the original equation.
+    Returns ``(alpha, residual)`` with the residual measured on :math:`\hat G`
+    (the equation is scale-free: :math:`\alpha_i (G\alpha)_i = \hat\alpha_i (\hat G\hat\alpha)_i`).
+    An all-zero Gramian returns ``alpha0`` unchanged.
+    """
+    norm = jnp.sqrt(jnp.sum(g * g))
+    zero = ~(norm > 0)
+    safe = jnp.where(zero, 1, norm)
+    alpha_hat, res = bargaining(g / safe, alpha0 * jnp.sqrt(safe), max_iter=optim_niter, tol=tol)
+    alpha = jnp.where(zero, alpha0, alpha_hat / jnp.sqrt(safe))
+    return alpha, jnp.where(zero, jnp.inf, res)
+
+
+def nash_mtl(
+    num_tasks: int,
+    *,
+    max_norm: float = 1.0,
+    update_weights_every: int = 1,
+    optim_niter: int = 20,
+    tol: float = 1e-6,
+    mask: Mask = None,
+) -> optax.GradientTransformation:
+    r"""Nash-MTL: weights from the Nash bargaining solution of the tasks.
+
+    The update is :math:`u = J^\top \alpha` with :math:`\alpha > 0` solving
+    :math:`G \alpha = 1/\alpha`, i.e. :math:`g_i^\top u = 1/\alpha_i` for every
+    task (each task's gain is inversely proportional to its weight), the
+    unique Nash bargaining solution when the gradients are linearly independent
+    (Navon et al., Theorem 5.4). Then, as in the authors' code,
+    :math:`\|u\| = \sqrt K` is clipped to ``max_norm``.
+
+    Stateful like the authors' ``NashMTL``: :math:`\alpha` is kept in the state,
+    re-solved every ``update_weights_every`` steps (reused, with the current
+    gradients, in between) and the previous :math:`\alpha` is the warm start.
+    The authors solve with a sequence of convex programs (cvxpy/ECOS,
+    ``optim_niter`` of them, with a stop test on :math:`\|\hat G\alpha - 1/\alpha\|
+    < 10^{-3}`); here it is solved in JAX by damped Newton on a self-concordant
+    function (:func:`~samgs_optax.aggregators._solvers.bargaining`), with at
+    most ``optim_niter`` Newton steps, stopping once
+    :math:`\max_i |\alpha_i (G\alpha)_i - 1| \le` ``tol``.
+
+    Args:
+      num_tasks: K >= 2.
+      max_norm: clip of the update's (shared) norm; 0 disables it (default 1.0).
+      update_weights_every: re-solve every this many steps (default 1).
+      optim_niter: maximum Newton steps per solve (default 20).
+      tol: stopping tolerance on the bargaining residual (default 1e-6; in
+        float32 the floor reached is about 1e-6 for well-conditioned Gramians).
+      mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
+
+    References:
+      Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, *Multi-Task
+      Learning as a Bargaining Game*, ICML 2022, https://arxiv.org/abs/2202.01017
+    """
+    num_tasks = _validation.check_num_tasks(num_tasks)
+    _validation.check_interval("max_norm", max_norm, 0.0, float("inf"), closed_high=True)
+    for name, value in (
+        ("update_weights_every", update_weights_every),
+        ("optim_niter", optim_niter),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    _validation.check_interval("tol", tol, 0.0, float("inf"), closed_high=True)
+
+    def init_fn(params: PyTree) -> NashMTLState:
+        scalar = _validation.scalar_dtype(params)
+        return NashMTLState(
+            shared=resolve_layout(mask, params),
+            count=jnp.zeros([], jnp.int32),
+            alpha=jnp.ones([num_tasks], scalar),
+            weights=jnp.zeros([num_tasks], scalar),
+            residual=jnp.full([], jnp.inf, scalar),
+        )
+
+    def update_fn(updates: PyTree, state: NashMTLState, params: PyTree = None):
+        del params
+        shared, heads = split(updates, state.shared, num_tasks)
+        scalar = state.alpha.dtype
+        g = gramian(shared, scalar)
+        solve = state.count % update_weights_every == 0
+        alpha, res = jax.lax.cond(
+            solve,
+            lambda: nash_mtl_weights(g, state.alpha, optim_niter=optim_niter, tol=tol),
+            lambda: (state.alpha, bargaining_residual(g, state.alpha)),
+        )
+        weights = alpha
+        if max_norm > 0:
+            norm = jnp.sqrt(jnp.maximum(alpha @ g @ alpha, 0))
+            weights = jnp.where(
+                norm > max_norm, alpha * (max_norm / jnp.where(norm > 0, norm, 1)), alpha
+            )
+        out = merge(combine(shared, weights), heads)
+        new_state = NashMTLState(
+            shared=state.shared,
+            count=optax.safe_increment(state.count),
+            alpha=alpha,
+            weights=weights,
+            residual=res,
+        )
+        return out, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
