@@ -130,8 +130,12 @@ def samgs(
         def moment(p, is_shared):
             if not is_shared:
                 return MaskedNode()
+            # zeros_like keeps p's sharding (eagerly, and under jit on a mesh with explicit
+            # axes); the broadcast adds an unsharded task axis. So m is laid out like the
+            # stacked gradients instead of landing whole on the default device.
             p = jnp.asarray(p)
-            return jnp.zeros((num_tasks, *p.shape), m_dtype or p.dtype)
+            zeros = jnp.zeros_like(p, dtype=m_dtype or p.dtype)
+            return jnp.broadcast_to(zeros[None], (num_tasks, *zeros.shape))
 
         return SamgsState(
             count=jnp.zeros([], jnp.int32),
