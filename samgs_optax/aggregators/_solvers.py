@@ -65,7 +65,7 @@ def nnls_gram(
     cap = 5 * k + 10 if max_iter is None else max_iter
     scale_q = jnp.max(jnp.abs(q_mat))
     scale_v = jnp.max(jnp.abs(q_vec))
-    idx = jnp.arange(k)
+    idx = jnp.arange(k, dtype=jnp.int32)
 
     def cond(st):
         it, _, _, done, _ = st
@@ -78,7 +78,7 @@ def nnls_gram(
 
         # Feasible: accept s, then free the index with the most negative gradient.
         neg_grad = jnp.where(free, -jnp.inf, -(_mv(q_mat, s) + q_vec))
-        j = jnp.argmax(neg_grad)
+        j = jnp.argmax(neg_grad).astype(jnp.int32)
         tol = 16 * k * eps * (scale_q * jnp.sum(jnp.abs(s)) + scale_v)
         add = neg_grad[j] > tol
         free_a = free | ((idx == j) & add)
@@ -86,7 +86,7 @@ def nnls_gram(
         # Infeasible: move from x towards s until an index hits zero; fix it.
         denom = x - s
         ratio = jnp.where(free & (s <= 0), jnp.where(denom > 0, x / denom, 0), jnp.inf)
-        i = jnp.argmin(ratio)
+        i = jnp.argmin(ratio).astype(jnp.int32)
         alpha = jnp.clip(ratio[i], 0, 1)
         x_b = x + alpha * (s - x)
         drop = free & ((x_b <= 0) | (idx == i))
@@ -239,7 +239,7 @@ def cagrad_path(
     radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(e @ b, 0))
     ridge = jnp.finfo(dtype).eps * jnp.maximum(jnp.trace(g_mat), jnp.finfo(dtype).tiny)
     g_reg = g_mat + ridge * jnp.eye(k, dtype=dtype)
-    idx = jnp.arange(k)
+    idx = jnp.arange(k, dtype=jnp.int32)
 
     def cond(st):
         it, _, _, done, _ = st
@@ -256,7 +256,7 @@ def cagrad_path(
         enter = jnp.where(~face & (a < 0) & (idx != last), cj / jnp.where(a < 0, a, -1), jnp.inf)
         leave = jnp.where(leave >= lam, leave, jnp.inf)
         enter = jnp.where(enter >= lam, enter, jnp.inf)
-        i, j = jnp.argmin(leave), jnp.argmin(enter)
+        i, j = jnp.argmin(leave).astype(jnp.int32), jnp.argmin(enter).astype(jnp.int32)
         lam_event = jnp.minimum(leave[i], enter[j])
         finish = lam_end <= lam_event
         is_leave = leave[i] <= enter[j]
@@ -265,7 +265,7 @@ def cagrad_path(
         new_lam = jnp.where(finish, jnp.maximum(lam_end, lam), lam_event)
         return it + 1, new_face, new_lam, finish, jnp.where(finish, last, moved)
 
-    i0 = jnp.argmin(b)
+    i0 = jnp.argmin(b).astype(jnp.int32)
     init = (jnp.zeros([], jnp.int32), idx == i0, b[i0], jnp.zeros([], jnp.bool_), i0)
     _, face, _, done, _ = jax.lax.while_loop(cond, body, init)
     _, _, _, y_reg = _face_point(g_reg, b, radius, face)

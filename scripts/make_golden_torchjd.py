@@ -1,0 +1,164 @@
+"""Golden vectors for the aggregators, produced by TorchJD 0.18 (run in its own venv).
+
+torch and torchjd are NOT dependencies of samgs_optax or of its tests: the
+tests only read the file this script writes, ``tests/golden/torchjd_aggregators.npz``.
+Regenerate it with (CPU torch is enough; the optional solvers TorchJD needs come
+with the ``full`` extra)::
+
+    python3 -m venv /tmp/venv-torch
+    /tmp/venv-torch/bin/pip install torch==2.13.0 "torchjd[full]==0.18.0"
+    /tmp/venv-torch/bin/python scripts/make_golden_torchjd.py
+
+What is stored, for every case (K in {2, 3, 5, 10}, three matrices each, 24
+columns, rows with conflicting directions and norms spread over two orders of
+magnitude), under keys ``"<case>/<name>"``:
+
+* ``J``: the (K, 24) float64 Jacobian (task gradients as rows).
+* TorchJD's aggregation of ``J`` in float64 with default parameters:
+  ``upgrad``, ``dualproj``, ``imtl_g``, ``aligned_mtl``, ``sum``, ``mean``,
+  ``cagrad_c{0.2,0.5,1.5}`` (``CAGrad(c)``), ``mgda_torchjd`` (its Frank-Wolfe,
+  kept to measure how far it stops from the optimum) and ``nash_mtl_torchjd``
+  (``NashMTL(K, max_norm=0)``, one step from a fresh state: the authors' CCP).
+* ``mgda_exact``: the exact min-norm point of the convex hull, by enumerating
+  every face in float64 NumPy (independent of TorchJD and of samgs_optax).
+* ``pcgrad`` with ``pcgrad_perms`` (K, K): the task orders ``torch.randperm``
+  drew (row i for task i), recorded by wrapping ``torch.randperm``.
+* ``graddrop`` with ``graddrop_uniform`` (24,): the draws of ``torch.rand``,
+  recorded the same way.
+
+Randomness: NumPy ``default_rng(20250611)`` for the matrices, ``torch.manual_seed(0)``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import pathlib
+
+import numpy as np
+import torch
+from torchjd import aggregation as agg
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden"
+OUT_FILE = OUT / "torchjd_aggregators.npz"
+COLUMNS = 24
+CAGRAD_CS = (0.2, 0.5, 1.5)
+
+
+def make_matrices(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Three (K, 24) Jacobians per K with conflicts and norms spanning ~1e-1..1e1."""
+    cases = {}
+    for k in (2, 3, 5, 10):
+        # "random": independent directions, log-uniform norms.
+        rows = rng.normal(size=(k, COLUMNS))
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        cases[f"K{k}_random"] = rows * 10 ** rng.uniform(-1, 1, size=(k, 1))
+        # "opposed": every task but the first pulls against the first one.
+        base = rng.normal(size=COLUMNS)
+        base /= np.linalg.norm(base)
+        rows = -rng.uniform(0.3, 1.0, size=(k, 1)) * base + 0.6 * rng.normal(size=(k, COLUMNS)) / 5
+        rows[0] = base + 0.1 * rng.normal(size=COLUMNS) / 5
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        cases[f"K{k}_opposed"] = rows * 10 ** rng.uniform(-1, 1, size=(k, 1))
+        # "camps": two groups of tasks with opposite mean directions.
+        signs = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)[:, None]
+        rows = signs * base + 0.8 * rng.normal(size=(k, COLUMNS)) / np.sqrt(COLUMNS) * 3
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        cases[f"K{k}_camps"] = rows * 10 ** rng.uniform(-1, 1, size=(k, 1))
+    return cases
+
+
+def exact_min_norm(j: np.ndarray) -> np.ndarray:
+    """Min-norm point of conv{rows of j}, by solving the KKT system on every face."""
+    g = j @ j.T
+    k = g.shape[0]
+    best_val, best_w = np.inf, None
+    for size in range(1, k + 1):
+        for face in itertools.combinations(range(k), size):
+            f = list(face)
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = g[np.ix_(f, f)]
+            kkt[:size, size] = 1
+            kkt[size, :size] = 1
+            rhs = np.zeros(size + 1)
+            rhs[size] = 1
+            try:
+                sol = np.linalg.solve(kkt, rhs)
+            except np.linalg.LinAlgError:
+                continue
+            w = np.zeros(k)
+            w[f] = sol[:size]
+            if np.any(w < 0):
+                continue
+            val = w @ g @ w
+            if val < best_val:
+                best_val, best_w = val, w
+    return best_w @ j
+
+
+class _Recorder:
+    """Wraps a torch sampling function and keeps what it returned."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.calls.append(out.clone())
+        return out
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(20250611)
+    out: dict[str, np.ndarray] = {
+        "meta/torchjd_version": np.array(importlib.metadata.version("torchjd")),
+        "meta/torch_version": np.array(torch.__version__),
+    }
+    for name, j_np in make_matrices(rng).items():
+        k = j_np.shape[0]
+        j = torch.from_numpy(j_np)
+        res = {
+            "J": j_np,
+            "upgrad": agg.UPGrad()(j),
+            "dualproj": agg.DualProj()(j),
+            "imtl_g": agg.IMTLG()(j),
+            "aligned_mtl": agg.AlignedMTL()(j),
+            "sum": agg.Sum()(j),
+            "mean": agg.Mean()(j),
+            "mgda_torchjd": agg.MGDA()(j),
+            "mgda_exact": exact_min_norm(j_np),
+            "nash_mtl_torchjd": agg.NashMTL(n_tasks=k, max_norm=0.0)(j),
+        }
+        for c in CAGRAD_CS:
+            res[f"cagrad_c{c}"] = agg.CAGrad(c=c)(j)
+
+        randperm = _Recorder(torch.randperm)
+        torch.randperm, saved = randperm, torch.randperm
+        try:
+            res["pcgrad"] = agg.PCGrad()(j)
+        finally:
+            torch.randperm = saved
+        res["pcgrad_perms"] = torch.stack(randperm.calls).numpy()
+
+        rand = _Recorder(torch.rand)
+        torch.rand, saved = rand, torch.rand
+        try:
+            res["graddrop"] = agg.GradDrop()(j)
+        finally:
+            torch.rand = saved
+        (uniform,) = rand.calls
+        res["graddrop_uniform"] = uniform.numpy()
+
+        for key, value in res.items():
+            arr = value.detach().numpy() if isinstance(value, torch.Tensor) else value
+            out[f"{name}/{key}"] = np.asarray(arr)
+        print(f"{name}: K={k}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(OUT_FILE, **out)
+    print(f"wrote {OUT_FILE} ({OUT_FILE.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
