@@ -35,12 +35,15 @@ NUM_CLASSES = 10
 class Split(NamedTuple):
     """One split: ``images`` (N, 28, 28) float32 in [0, 1]; ``labels`` (N, 2) int32.
 
-    ``sources`` (N, 2) holds the row indices, in the 5k file, of the two digits used.
+    ``sources`` (N, 2) holds the row indices, in the 5k file, of the two digits used;
+    ``shifts`` (N, 4) the offsets ``(dy, dx, dy', dx')`` in ``{0, ..., 4}``: the top-left
+    digit's corner is at ``(dy, dx)``, the bottom-right digit's at ``(8 - dy', 8 - dx')``.
     """
 
     images: np.ndarray
     labels: np.ndarray
     sources: np.ndarray
+    shifts: np.ndarray
 
 
 def mnist_5k_path() -> str:
@@ -102,7 +105,7 @@ def compose(
         np.maximum(bottom, digits[src[i, 1]], out=bottom)
     r = resample_matrix()
     images = (r @ canvas.astype(np.float64) @ r.T) / 255.0
-    return Split(images.astype(np.float32), labels[src].astype(np.int32), src)
+    return Split(images.astype(np.float32), labels[src].astype(np.int32), src, shifts)
 
 
 def make_multimnist(
