@@ -44,8 +44,8 @@ def nnls_gram(
     negative gradient, solves the equality-constrained problem on the free set
     and, when that solution leaves the orthant, steps back to the boundary and
     re-fixes the blocking indices. It stops when the gradient
-    :math:`\nabla = Qx + q` is non-negative on the fixed set up to a rounding
-    tolerance :math:`16 K \epsilon (\max|Q| \, \|x\|_1 + \max|q|)`, so the
+    :math:`\nabla = Qx + q` is non-negative on the fixed set up to its rounding
+    error bound :math:`4 K \epsilon (|Q|\,|x| + |q|)_i` (entry by entry), so the
     result satisfies the KKT conditions :math:`x \ge 0`, :math:`\nabla \ge 0`,
     :math:`x_i \nabla_i = 0` to machine precision; it is exact, not iterative.
 
@@ -63,8 +63,7 @@ def nnls_gram(
     dtype = q_mat.dtype
     eps = jnp.finfo(dtype).eps
     cap = 5 * k + 10 if max_iter is None else max_iter
-    scale_q = jnp.max(jnp.abs(q_mat))
-    scale_v = jnp.max(jnp.abs(q_vec))
+    abs_q = jnp.abs(q_mat)
     idx = jnp.arange(k, dtype=jnp.int32)
 
     def cond(st):
@@ -77,10 +76,11 @@ def nnls_gram(
         feasible = jnp.all(jnp.where(free, s > 0, True))
 
         # Feasible: accept s, then free the index with the most negative gradient.
-        neg_grad = jnp.where(free, -jnp.inf, -(_mv(q_mat, s) + q_vec))
+        # Rounding error bound of each gradient entry, row by row.
+        tol = 4 * k * eps * (_mv(abs_q, jnp.abs(s)) + jnp.abs(q_vec))
+        neg_grad = jnp.where(free, -jnp.inf, -(_mv(q_mat, s) + q_vec) - tol)
         j = jnp.argmax(neg_grad).astype(jnp.int32)
-        tol = 16 * k * eps * (scale_q * jnp.sum(jnp.abs(s)) + scale_v)
-        add = neg_grad[j] > tol
+        add = neg_grad[j] > 0
         free_a = free | ((idx == j) & add)
 
         # Infeasible: move from x towards s until an index hits zero; fix it.
@@ -281,7 +281,7 @@ def bargaining_residual(g_mat: jax.Array, alpha: jax.Array) -> jax.Array:
 
 
 def bargaining(
-    g_mat: jax.Array, alpha0: jax.Array, *, max_iter: int = 20, tol: float = 1e-6
+    g_mat: jax.Array, alpha0: jax.Array, *, max_iter: int = 20, tol: float = 1e-5
 ) -> tuple[jax.Array, jax.Array]:
     r"""Solves :math:`G\alpha = 1/\alpha`, :math:`\alpha > 0` (Nash-MTL's bargaining solution).
 
@@ -289,12 +289,17 @@ def bargaining(
     self-concordant function :math:`F(\alpha) = \tfrac12 \alpha^\top G \alpha
     - \sum_i \log \alpha_i` (:math:`\nabla F = G\alpha - 1/\alpha`,
     :math:`\nabla^2 F = G + \operatorname{diag}(1/\alpha^2)`, positive
-    definite), so it is solved by Newton's method with the damped step
-    :math:`1/(1 + \lambda)` while the Newton decrement :math:`\lambda \ge 1/4`
-    and full steps after that (Nesterov & Nemirovski): every iterate stays
-    positive, convergence is global and then quadratic. The warm start
-    ``alpha0`` is first rescaled along its ray to the exact minimiser of
-    :math:`F` on it, :math:`t = \sqrt{K / \alpha_0^\top G \alpha_0}`. Stops when
+    definite), so it is solved by Newton's method: full steps once the Newton
+    decrement :math:`\lambda < 1/4` (they stay in the domain and converge
+    quadratically); before that, a line search that evaluates :math:`F` at the
+    damped step :math:`1/(1 + \lambda)` (always in the domain and decreasing
+    :math:`F`, Nesterov & Nemirovski) and at :math:`2^{-m}` times the largest
+    step keeping :math:`\alpha > 0`, :math:`m = 0..11`, and takes the best.
+    Convergence is global and then
+    quadratic. The start is the better (lower :math:`F`) of ``alpha0`` and
+    :math:`1/\sqrt{\operatorname{diag} G}` (exact for orthogonal gradients),
+    each first rescaled along its ray to the minimiser of :math:`F` there,
+    :math:`t = \sqrt{K / \alpha^\top G \alpha}`. Stops when
     :func:`bargaining_residual` :math:`\le` ``tol`` or after ``max_iter`` Newton steps.
 
     When no solution exists (some :math:`v \ge 0,\ v \ne 0` with :math:`Gv = 0`:
@@ -307,9 +312,20 @@ def bargaining(
     """
     k = g_mat.shape[0]
     dtype = g_mat.dtype
-    alpha0 = jnp.where(jnp.isfinite(alpha0) & (alpha0 > 0), alpha0, 1).astype(dtype)
-    quad = alpha0 @ _mv(g_mat, alpha0)
-    alpha0 = alpha0 * jnp.where(quad > 0, jnp.sqrt(k / jnp.where(quad > 0, quad, 1)), 1)
+
+    def objective(alpha):
+        return 0.5 * alpha @ _mv(g_mat, alpha) - jnp.sum(jnp.log(alpha))
+
+    def on_ray(alpha):
+        alpha = jnp.where(jnp.isfinite(alpha) & (alpha > 0), alpha, 1).astype(dtype)
+        quad = alpha @ _mv(g_mat, alpha)
+        return alpha * jnp.where(quad > 0, jnp.sqrt(k / jnp.where(quad > 0, quad, 1)), 1)
+
+    diag = jnp.diagonal(g_mat)
+    warm = on_ray(alpha0)
+    fresh = on_ray(1 / jnp.sqrt(jnp.where(diag > 0, diag, 1)))
+    start = jnp.where(objective(fresh) < objective(warm), fresh, warm)
+    fractions = 2.0 ** -jnp.arange(12, dtype=dtype)
 
     def cond(st):
         it, _, res = st
@@ -321,11 +337,20 @@ def bargaining(
         hess = g_mat + jnp.diag(1 / (alpha * alpha))
         step = -jnp.linalg.solve(hess, grad)
         decrement = jnp.sqrt(jnp.maximum(-(grad @ step), 0))
-        t = jnp.where(decrement < 0.25, 1, 1 / (1 + decrement))
-        new = alpha + t * step
+        to_boundary = jnp.min(jnp.where(step < 0, -alpha / jnp.where(step < 0, step, -1), jnp.inf))
+        longest = jnp.minimum(1.0, 0.99 * to_boundary)
+        sizes = jnp.concatenate([(1 / (1 + decrement))[None], longest * fractions])
+        trials = alpha[None, :] + sizes[:, None] * step[None, :]
+        values = jax.vmap(objective)(jnp.where(trials > 0, trials, 1))
+        values = jnp.where(jnp.all(trials > 0, axis=1) & jnp.isfinite(values), values, jnp.inf)
+        best = jnp.argmin(values)
+        searched = jnp.where(values[best] <= objective(alpha), trials[best], alpha)
+        # Near the solution (decrement < 1/4) the full step is safe and converges
+        # quadratically, while F is too flat there to compare values in float32.
+        new = jnp.where(decrement < 0.25, alpha + step, searched)
         new = jnp.where(jnp.all(jnp.isfinite(new) & (new > 0)), new, alpha)
         return it + 1, new, bargaining_residual(g_mat, new)
 
-    init = (jnp.zeros([], jnp.int32), alpha0, bargaining_residual(g_mat, alpha0))
+    init = (jnp.zeros([], jnp.int32), start, bargaining_residual(g_mat, start))
     _, alpha, res = jax.lax.while_loop(cond, body, init)
     return alpha, res
