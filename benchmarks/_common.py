@@ -118,30 +118,78 @@ def median_ratio(num: np.ndarray, den: np.ndarray) -> float:
 
 
 def hlo_traffic_bytes(hlo_text: str) -> int:
-    """Bytes the compiled program's top-level ops read and write, operands counted once each.
+    """Bytes the compiled program's ops read and write, each operand counted once per op.
 
     Sums, over every instruction of the ENTRY computation that does work (fusions,
-    copies, custom calls; not parameters, constants, tuples or bitcasts), the sizes of
-    its distinct operands and of its result. For a memory-bound program this is the
-    traffic XLA scheduled, to set beside the algorithm's minimum.
+    copies, custom calls; not parameters, constants, tuples or bitcasts), the size of
+    its result and of its distinct operands. A fusion operand that the fused
+    computation only slices counts as the slices it reads; a ``while`` loop counts its
+    body times its known trip count. For a memory-bound program this is the traffic
+    XLA scheduled, to set beside the algorithm's minimum.
     """
-    entry = hlo_text[hlo_text.index("\nENTRY") :]
-    shapes: dict[str, int] = {}
+    comps, entry = _parse_hlo(hlo_text)
+    return _traffic(comps, entry)
+
+
+_SKIP = {"parameter", "constant", "tuple", "bitcast", "get-tuple-element"}
+_INSTR = re.compile(r"\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\(([^)]*)\)(.*)$")
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], str]:
+    """{computation: [(name, bytes, opcode, operands, attributes)]}, ENTRY's name."""
+    comps: dict[str, list[tuple]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        head = re.match(r"(ENTRY )?%(\S+) .*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            comps[current] = []
+            entry = current if head.group(1) else entry
+            continue
+        m = _INSTR.match(line)
+        if m and current is not None:
+            name, shape, opcode, args, attrs = m.groups()
+            operands = [a.strip().lstrip("%") for a in args.split(",") if a.strip()]
+            comps[current].append((name, _shape_bytes(shape), opcode, operands, attrs))
+    return comps, entry
+
+
+def _traffic(comps: dict[str, list[tuple]], comp: str) -> int:
+    sizes: dict[str, int] = {}
     total = 0
-    skip = ("parameter(", "constant(", "tuple(", "bitcast(", "get-tuple-element(")
-    for line in entry.splitlines()[1:]:
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.+?) (\w[\w-]*)\((.*)", line)
-        if not m:
+    for name, size, opcode, operands, attrs in comps[comp]:
+        sizes[name] = size
+        if opcode in _SKIP:
             continue
-        name, shape_text, opcode, rest = m.groups()
-        size = _shape_bytes(shape_text)
-        shapes[name] = size
-        if any(f"{opcode}(" == s for s in skip):
+        if opcode == "while":
+            body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+            total += (int(trips.group(1)) if trips else 1) * _traffic(comps, body)
             continue
-        args = rest.split(")", 1)[0]
-        operands = {a.strip().lstrip("%") for a in args.split(",") if a.strip().startswith("%")}
-        total += size + sum(shapes.get(op, 0) for op in operands)
+        called = re.search(r"calls=%([\w.\-]+)", attrs)
+        reads = 0
+        seen: set[str] = set()
+        for i, op in enumerate(operands):
+            if op in seen:
+                continue
+            seen.add(op)
+            full = sizes.get(op, 0)
+            if opcode == "fusion" and called:
+                full = _param_reads(comps[called.group(1)], i, full)
+            reads += full
+        total += size + reads
     return total
+
+
+def _param_reads(body: list[tuple], index: int, full: int) -> int:
+    """Bytes a fused computation reads of its parameter ``index``: the slices if only sliced."""
+    param = next(
+        (n for n, _, op, args, _ in body if op == "parameter" and args == [str(index)]), None
+    )
+    users = [(size, op) for _, size, op, args, _ in body if param in args]
+    if users and all(op in ("slice", "dynamic-slice") for _, op in users):
+        return min(full, sum(size for size, _ in users))
+    return full
 
 
 def _shape_bytes(shape_text: str) -> int:
