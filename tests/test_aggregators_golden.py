@@ -26,16 +26,16 @@ KS = (2, 3, 5, 10)
 KINDS = ("random", "opposed", "camps")
 
 # Relative tolerance on ||u - u_ref|| / ||u_ref|| (float32 here, float64 TorchJD).
-# Measured worst cases (one run): UPGrad 9e-7, DualProj 8e-7, MGDA 1.4e-6, IMTL-G 8e-6,
-# Aligned-MTL 3e-5 (eigendecomposition of a Gramian with condition number ~1e4).
+# Measured worst cases (one run): UPGrad 9e-7, DualProj 8e-7, MGDA 1.4e-6, IMTL-G 6e-6,
+# Aligned-MTL 8e-6 (SVD of Gramians with condition numbers up to ~1e5).
 RTOL = {
     "sum": 1e-6,
     "mean": 1e-6,
     "upgrad": 1e-5,
     "dualproj": 1e-5,
     "mgda_exact": 1e-5,
-    "imtl_g": 1e-4,
-    "aligned_mtl": 2e-4,
+    "imtl_g": 5e-5,
+    "aligned_mtl": 5e-5,
 }
 # TorchJD's CAGrad solves the dual with cvxpy/Clarabel at default tolerances and
 # is off the optimum by up to 2.2e-4 relative on these matrices (our solution

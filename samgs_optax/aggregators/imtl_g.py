@@ -12,16 +12,29 @@ from samgs_optax.gramian import Mask, gramian_weighting
 def imtl_g_weights(g: jax.Array) -> jax.Array:
     r"""IMTL-G weights :math:`w = v / \mathbf 1^\top v`, :math:`v = G^{+} \sqrt{\mathrm{diag}\, G}`.
 
-    :math:`G^+` is the pseudo-inverse with singular values below
-    :math:`K \epsilon\, \sigma_{\max}` dropped (``torch.linalg.pinv``'s
-    default). :math:`w = 0` when :math:`|\mathbf 1^\top v| < 10^{-12}`.
+    :math:`G^+` is the pseudo-inverse by SVD with singular values below
+    :math:`K \epsilon\, \sigma_{\max}` dropped (as ``torch.linalg.pinv``'s
+    default). :math:`w` is invariant to the scale of :math:`G`, which
+    is divided by its largest diagonal entry first (no overflow for huge
+    gradients). :math:`w = 0` when :math:`\mathbf 1^\top v` is zero up to
+    rounding, :math:`|\mathbf 1^\top v| \le 10 K \epsilon \|d\| / \lambda_{\min}`
+    (e.g. two exactly opposite gradients); TorchJD's test is the absolute
+    :math:`|\mathbf 1^\top v| < 10^{-12}`, which depends on the gradients' scale.
     """
     k = g.shape[0]
-    d = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
-    rtol = k * jnp.finfo(g.dtype).eps
-    v = jnp.matmul(jnp.linalg.pinv(g, rtol=rtol), d, precision=jax.lax.Precision.HIGHEST)
+    eps = jnp.finfo(g.dtype).eps
+    diag = jnp.maximum(jnp.diagonal(g), 0)
+    scale = jnp.max(diag)
+    g = g / jnp.where(scale > 0, scale, 1)
+    d = jnp.sqrt(diag / jnp.where(scale > 0, scale, 1))
+    left, sing, right_t = jnp.linalg.svd(g)
+    keep = sing > k * eps * jnp.max(sing)
+    inv = jnp.where(keep, 1 / jnp.where(keep, sing, 1), 0)
+    hp = jax.lax.Precision.HIGHEST
+    v = jnp.matmul(right_t.T, inv * jnp.matmul(left.T, d, precision=hp), precision=hp)
     total = jnp.sum(v)
-    small = jnp.abs(total) < 1e-12
+    noise = 10 * k * eps * jnp.linalg.norm(d) * jnp.max(inv)
+    small = ~(jnp.abs(total) > noise)
     return jnp.where(small, jnp.zeros_like(v), v / jnp.where(small, 1, total))
 
 

@@ -47,7 +47,9 @@ def nash_mtl_weights(
     (the equation is scale-free: :math:`\alpha_i (G\alpha)_i = \hat\alpha_i (\hat G\hat\alpha)_i`).
     An all-zero Gramian returns ``alpha0`` unchanged.
     """
-    norm = jnp.sqrt(jnp.sum(g * g))
+    big = jnp.max(jnp.abs(g))
+    big = jnp.where(big > 0, big, 1)
+    norm = big * jnp.sqrt(jnp.sum(jnp.square(g / big)))  # ||G||_F without overflow
     zero = ~(norm > 0)
     safe = jnp.where(zero, 1, norm)
     alpha_hat, res = bargaining(g / safe, alpha0 * jnp.sqrt(safe), max_iter=optim_niter, tol=tol)
