@@ -6,7 +6,8 @@
 * CAGrad: primal feasibility and a zero duality gap.
 * Nash-MTL: the bargaining condition and agreement with ``scipy.optimize.root``.
 
-Each solver is compiled once per size, on a batch of problems (``jax.vmap``).
+Each solver is compiled once per size, on a batch of problems (``jax.vmap``);
+the small sizes are covered by the TorchJD goldens (``test_aggregators_golden.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _gram32(j: np.ndarray) -> jax.Array:
     return jnp.asarray(np.einsum("bkd,bld->bkl", j, j), jnp.float32)
 
 
-@pytest.mark.parametrize("k", [7, 25])
+@pytest.mark.parametrize("k", [25])
 def test_nnls_matches_scipy(k):
     """The NNLS met in UPGrad: min ||A x - b||, x >= 0, with A'A = trace-normalised + 1e-4 I."""
     rng = np.random.default_rng(k)
@@ -59,7 +60,7 @@ def test_nnls_matches_scipy(k):
         assert got_obj <= want_obj * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("k, d", [(4, 24), (20, 64), (40, 24)])
+@pytest.mark.parametrize("k, d", [(20, 64), (40, 24)])
 def test_mgda_kkt(k, d):
     """w is on the simplex and G w >= (w'Gw) 1, with equality on the support of w."""
     j = _jacobians(100 + k, k, d)
@@ -77,7 +78,7 @@ def test_mgda_kkt(k, d):
         assert lam <= min(np.diag(g).min(), np.full(k, 1 / k) @ g @ np.full(k, 1 / k)) + 1e-6
 
 
-@pytest.mark.parametrize("k", [4, 15])
+@pytest.mark.parametrize("k", [15])
 def test_cagrad_zero_duality_gap(k):
     r"""Primal :math:`\min_i g_i^\top d` equals the dual at :math:`w = y / 1^\top y`."""
     j = _jacobians(200 + k, k, 32)
@@ -124,7 +125,7 @@ def _bargaining_scipy(g: np.ndarray) -> np.ndarray:
     return a
 
 
-@pytest.mark.parametrize("k", [2, 5, 10])
+@pytest.mark.parametrize("k", [3, 10])
 def test_nash_bargaining_solution(k):
     j = _jacobians(300 + k, k, 40)
     rng = np.random.default_rng(k)

@@ -1,0 +1,319 @@
+"""API of the baseline aggregators: registry, jit + adam, masks, PRNG state, Nash-MTL state, errors.
+
+Compile counts are kept low: every method runs inside one jitted function per
+test, batched over inputs with ``jax.vmap`` where useful.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import samgs_optax
+
+METHODS = (
+    "linear_scalarization",
+    "pcgrad",
+    "mgda",
+    "cagrad",
+    "imtl_g",
+    "aligned_mtl",
+    "nash_mtl",
+    "upgrad",
+    "dualproj",
+    "graddrop",
+)
+GRAMIAN_METHODS = tuple(m for m in METHODS if m != "graddrop")
+
+
+def _params():
+    return {
+        "dense": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)},
+        "emb": jnp.zeros(4, jnp.bfloat16),
+    }
+
+
+def _grads(rng: np.random.Generator, k: int, batch: tuple[int, ...] = ()):
+    return jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=(*batch, k, *p.shape)), p.dtype), _params()
+    )
+
+
+def _flat(tree, lead: int = 1) -> np.ndarray:
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    return np.concatenate([x.reshape(*x.shape[:lead], -1) for x in leaves], axis=-1)
+
+
+def test_registry_lists_every_method():
+    assert set(samgs_optax.AGGREGATORS) == {"samgs", *METHODS}
+    for name, factory in samgs_optax.AGGREGATORS.items():
+        assert getattr(samgs_optax, name) is factory
+        tx = factory(3)
+        assert isinstance(tx, optax.GradientTransformation)
+
+
+def _cases(rng: np.random.Generator):
+    g = np.array([1.0, -2.0, 3.0, 0.5, -1.0, 2.0, 0.25, -0.5, 1.5, 1.0, -0.75, 2.5], np.float32)
+    cases = {
+        "random": rng.normal(size=(2, 12)).astype(np.float32),
+        "zeros": np.zeros((2, 12), np.float32),
+        "identical": np.stack([g, g]),
+        "opposite": np.stack([g, -g]),
+        "one_zero": np.stack([g, 0 * g]),
+        "parallel": np.stack([g, 100 * g]),
+        "tiny": np.stack([g, -0.5 * g + 1e-3]) * 1e-20,
+        "huge": np.stack([g, 3 * g[::-1]]) * 1e17,
+    }
+    return g, cases
+
+
+def _to_tree(flat):
+    """(..., 12) -> the params' tree (with a bf16 leaf)."""
+    return {
+        "dense": {"w": flat[..., :6].reshape(*flat.shape[:-1], 3, 2), "b": flat[..., 6:8]},
+        "emb": flat[..., 8:12].astype(jnp.bfloat16),
+    }
+
+
+B1 = 0.9
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    """Every method (K = 2) chained with Adam, on random and degenerate inputs, one compile.
+
+    After one step Adam's first moment is (1 - b1) u, which recovers the
+    aggregator's own output u from the chain's state.
+    """
+    params = _params()
+    g, cases = _cases(np.random.default_rng(0))
+    batch = jnp.asarray(np.stack(list(cases.values())))  # (cases, 2, 12)
+    txs = {m: optax.chain(samgs_optax.AGGREGATORS[m](2), optax.adam(1e-2, b1=B1)) for m in METHODS}
+
+    def run(flat):
+        grads = _to_tree(flat)
+        out = {}
+        for m, tx in txs.items():
+            update, (agg_state, adam_state) = tx.update(grads, tx.init(params), params)
+            aggregated = jax.tree.map(lambda mu: mu / (1 - B1), adam_state[0].mu)
+            weights = getattr(agg_state, "weights", None)
+            out[m] = (update, aggregated, weights)
+        return out
+
+    out = jax.jit(jax.vmap(run))(batch)
+    result = {}
+    for i, case in enumerate(cases):
+        result[case] = {
+            m: (
+                jax.tree.map(lambda x, i=i: x[i], out[m][0]),
+                _flat(out[m][1])[i],
+                None if out[m][2] is None else np.asarray(out[m][2][i], np.float64),
+            )
+            for m in METHODS
+        }
+    return _flat(_to_tree(jnp.asarray(g)), 0), _flat(_to_tree(batch), 2), list(cases), result
+
+
+def test_every_method_chains_with_adam_under_jit(outputs):
+    params = _params()
+    _, _, _, result = outputs
+    for m in METHODS:
+        update = result["random"][m][0]
+        assert jax.tree.structure(update) == jax.tree.structure(params), m
+        for u, p in zip(jax.tree.leaves(update), jax.tree.leaves(params), strict=True):
+            assert u.shape == p.shape and u.dtype == p.dtype, m  # bf16 leaf stays bf16
+        assert np.any(_flat(update, 0) != 0), m
+
+
+def test_degenerate_inputs_are_finite(outputs):
+    _, _, _, result = outputs
+    for case, per_method in result.items():
+        for m, (update, aggregated, _) in per_method.items():
+            assert np.all(np.isfinite(aggregated)), (case, m, aggregated)
+            assert np.all(np.isfinite(_flat(update, 0))), (case, m)
+
+
+def test_state_weights_are_the_weights_applied(outputs):
+    """For the Gramian methods the output is sum_k w_k g_k with w = state.weights."""
+    _, jac, names, result = outputs
+    jac = jac[names.index("random")]
+    for m in GRAMIAN_METHODS:
+        _, got, weights = result["random"][m]
+        want = weights @ jac
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max(), err_msg=m)
+
+
+def test_degenerate_inputs_values(outputs):
+    g, _, _, result = outputs
+    out = {case: {m: v[1] for m, v in per.items()} for case, per in result.items()}
+    scale = np.abs(g).max()
+    for m in METHODS:
+        np.testing.assert_array_equal(out["zeros"][m], 0, err_msg=m)
+    # Two identical gradients: every "averaging" method returns g itself.
+    for m in ("mgda", "upgrad", "dualproj", "imtl_g", "aligned_mtl"):
+        np.testing.assert_allclose(out["identical"][m], g, rtol=1e-2, atol=1e-5, err_msg=m)
+    np.testing.assert_allclose(out["identical"]["linear_scalarization"], 2 * g, rtol=1e-2)
+    np.testing.assert_allclose(out["identical"]["cagrad"], 1.5 * g, rtol=1e-2)  # g0 + c|g0| g/|g|
+    np.testing.assert_allclose(out["identical"]["nash_mtl"], g / np.linalg.norm(g), rtol=1e-2)
+    # Exactly opposite gradients: no direction helps both; these methods return 0.
+    for m in GRAMIAN_METHODS:
+        assert np.abs(out["opposite"][m]).max() <= 1e-5 * scale, (m, out["opposite"][m])
+    # A zero task gradient makes the point Pareto-stationary: MGDA and CAGrad stop.
+    assert np.abs(out["one_zero"]["mgda"]).max() <= 1e-5 * scale
+    assert np.abs(out["one_zero"]["cagrad"]).max() <= 1e-5 * scale
+    # Huge gradients (1e17, Gramian ~1e35 in float32) still give a non-zero direction.
+    for m in GRAMIAN_METHODS:
+        assert np.abs(out["huge"][m]).max() > 0, m
+
+
+def test_mask_heads_get_plain_sum():
+    """Masked-out leaves get sum_k g_k and do not enter the Gramian."""
+    k = 3
+    params = _params()
+    mask = {"dense": {"w": True, "b": True}, "emb": False}
+    shared_params = {"dense": params["dense"]}
+    methods = ("upgrad", "pcgrad", "graddrop")
+    masked = {m: samgs_optax.AGGREGATORS[m](k, mask=mask) for m in methods}
+    plain = {m: samgs_optax.AGGREGATORS[m](k) for m in methods}
+    grads = _grads(np.random.default_rng(2), k)
+
+    @jax.jit
+    def run(grads):
+        shared = {"dense": grads["dense"]}
+        return (
+            {m: tx.update(grads, tx.init(params), params)[0] for m, tx in masked.items()},
+            {m: tx.update(shared, tx.init(shared_params))[0] for m, tx in plain.items()},
+        )
+
+    with_mask, shared_only = run(grads)
+    for m in methods:
+        np.testing.assert_allclose(
+            np.asarray(with_mask[m]["emb"], np.float32),
+            np.asarray(
+                jnp.sum(grads["emb"].astype(jnp.float32), 0).astype(jnp.bfloat16), np.float32
+            ),
+            err_msg=m,
+        )
+        np.testing.assert_allclose(
+            _flat(with_mask[m]["dense"], 0), _flat(shared_only[m]["dense"], 0), rtol=1e-5, err_msg=m
+        )
+
+
+def test_mask_callable_and_errors():
+    params = _params()
+    tx = samgs_optax.mgda(2, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
+    state = tx.init(params)
+    assert isinstance(state.shared["emb"], optax.MaskedNode)
+    with pytest.raises(ValueError, match="structure"):
+        samgs_optax.mgda(2, mask={"dense": True}).init(params)
+    with pytest.raises(ValueError, match="no shared leaf"):
+        samgs_optax.mgda(2, mask=jax.tree.map(lambda _: False, params)).init(params)
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "graddrop"])
+def test_random_methods_are_reproducible(method):
+    k = 3
+    params = _params()
+    tx = samgs_optax.AGGREGATORS[method](k, seed=7)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(3)
+    grads = [_grads(rng, k) for _ in range(3)]
+
+    def trajectory(state):
+        outs, keys = [], []
+        for g in grads:
+            u, state = update(g, state, params)
+            outs.append(_flat(u, 0))
+            keys.append(np.asarray(jax.random.key_data(state.key)))
+        return np.stack(outs), keys
+
+    first, keys = trajectory(tx.init(params))
+    again, _ = trajectory(samgs_optax.AGGREGATORS[method](k, seed=7).init(params))
+    np.testing.assert_array_equal(first, again)
+    via_key, _ = trajectory(
+        samgs_optax.AGGREGATORS[method](k, key=jax.random.PRNGKey(7)).init(params)
+    )
+    np.testing.assert_array_equal(first, via_key)
+    assert len({k.tobytes() for k in keys}) == len(keys)  # the key advances every step
+    if method == "graddrop":  # 10 coordinates x 3 steps: other draws differ somewhere
+        other, _ = trajectory(tx.init(params)._replace(key=jax.random.PRNGKey(8)))
+        assert np.any(other != first)
+
+
+def test_nash_mtl_state_and_norm():
+    k = 3
+    params = {"w": jnp.zeros(8)}
+    every2 = samgs_optax.nash_mtl(k, update_weights_every=2)
+    unclipped = samgs_optax.nash_mtl(k, max_norm=0.0)
+    rng = np.random.default_rng(4)
+    grads = [{"w": jnp.asarray(rng.normal(size=(k, 8)), jnp.float32)} for _ in range(3)]
+
+    @jax.jit
+    def both(g, s2, s0):
+        return every2.update(g, s2, params), unclipped.update(g, s0, params)
+
+    s2, s0 = every2.init(params), unclipped.init(params)
+    np.testing.assert_array_equal(s2.alpha, np.ones(k))
+    alphas = []
+    for step, g in enumerate(grads):
+        (u2, s2), (u0, s0) = both(g, s2, s0)
+        assert int(s2.count) == step + 1
+        alphas.append(np.asarray(s2.alpha))
+        jac = np.asarray(g["w"], np.float64)
+        gram = jac @ jac.T
+        # Unclipped: the bargaining solution, so ||u||^2 = sum_i a_i (G a)_i = K.
+        a0 = np.asarray(s0.alpha, np.float64)
+        assert np.abs(a0 * (gram @ a0) - 1).max() < 1e-4
+        assert np.linalg.norm(np.asarray(u0["w"])) ** 2 == pytest.approx(k, rel=1e-4)
+        # Clipped to max_norm = 1.
+        assert np.linalg.norm(np.asarray(u2["w"])) == pytest.approx(1.0, rel=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(u2["w"]), np.asarray(s2.weights) @ jac, rtol=1e-4, atol=1e-6
+        )
+    # Solved at steps 1 and 3, reused at step 2.
+    assert not np.allclose(alphas[0], np.ones(k))
+    np.testing.assert_array_equal(alphas[1], alphas[0])
+    assert not np.allclose(alphas[2], alphas[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_inputs_raise_like_samgs(method):
+    factory = samgs_optax.AGGREGATORS[method]
+    with pytest.raises(ValueError, match="num_tasks must be >= 2"):
+        factory(1)
+    with pytest.raises(TypeError, match="num_tasks must be a Python int"):
+        factory(2.0)
+    params = {"w": jnp.zeros(3)}
+    tx = factory(2)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="leading task"):
+        tx.update({"w": jnp.zeros((3, 3))}, state, params)
+    with pytest.raises(TypeError, match="floating"):
+        tx.update({"w": jnp.zeros((2, 3), jnp.int32)}, state, params)
+    with pytest.raises(ValueError, match="does not match"):
+        tx.update({"v": jnp.zeros((2, 3))}, state, params)
+
+
+@pytest.mark.parametrize(
+    "method, options, error",
+    [
+        ("linear_scalarization", {"reduction": "max"}, ValueError),
+        ("cagrad", {"c": -0.1}, ValueError),
+        ("cagrad", {"rescale": 3}, ValueError),
+        ("cagrad", {"norm_eps": -1.0}, ValueError),
+        ("upgrad", {"reg_eps": -1.0}, ValueError),
+        ("dualproj", {"norm_eps": -1.0}, ValueError),
+        ("aligned_mtl", {"scale_mode": "max"}, ValueError),
+        ("nash_mtl", {"update_weights_every": 0}, ValueError),
+        ("nash_mtl", {"optim_niter": 0}, ValueError),
+        ("nash_mtl", {"max_norm": -1.0}, ValueError),
+        ("graddrop", {"leak": [0.1]}, ValueError),
+        ("graddrop", {"leak": [0.1, 1.5]}, ValueError),
+    ],
+)
+def test_bad_options_raise(method, options, error):
+    with pytest.raises(error):
+        samgs_optax.AGGREGATORS[method](2, **options)
