@@ -73,6 +73,14 @@ def allocator() -> str:
     return "glibc malloc (default)"
 
 
+def load() -> str:
+    """The 1-minute load average (the machine may be shared: noise indicator)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def command() -> str:
     """The command line that produced the figures, relative to the repository root."""
     return " ".join(["python", *map(shlex.quote, sys.argv)])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -150,9 +151,15 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_config(cfg: dict) -> dict:
+def run_config(cfg: dict, jemalloc: bool = False) -> dict:
+    env = dict(os.environ)
+    if jemalloc:
+        env.update(LD_PRELOAD=_common.JEMALLOC, MALLOC_CONF=_common.JEMALLOC_CONF)
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True
+        [sys.executable, __file__, "--child", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise SystemExit(f"config {cfg} failed:\n{proc.stderr[-3000:]}")
@@ -164,12 +171,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--jemalloc", action="store_true", help="preload jemalloc in the configs' processes"
+    )
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of models")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        res = child(json.loads(args.child))
+        print(json.dumps({**res, "allocator": _common.allocator(), "machine": _common.machine()}))
         return
-    models = {"multimnist": MODELS["multimnist"]} if args.quick else MODELS
+    if args.jemalloc and not os.path.exists(_common.JEMALLOC):
+        raise SystemExit(f"{_common.JEMALLOC} not found (apt-get install libjemalloc2)")
+    names = ["multimnist"] if args.quick else args.models.split(",")
+    models = {name: MODELS[name] for name in names}
     ks = (2,) if args.quick else (2, 10)
     steps = 3 if args.quick else args.steps
     methods = QUICK_METHODS if args.quick else METHODS
@@ -179,7 +194,7 @@ def main() -> None:
             base = None
             for method in methods:
                 cfg = {"model": model, "k": k, "batch": batch, "method": method, "steps": steps}
-                r = run_config(cfg)
+                r = run_config(cfg, args.jemalloc)
                 base = r if method == "LS" else base
                 r["vs_ls"] = r["step_ms"] / base["step_ms"]
                 rows.append(r)
@@ -207,10 +222,11 @@ def main() -> None:
         )
         for r in rows
     ]
+    section = "bench_train_step" + ("-jemalloc" if args.jemalloc else "")
     body = [
-        "## bench_train_step: one training step, SAM-GS against LS",
+        f"## {section}: one training step, SAM-GS against LS",
         "",
-        f"- machine: {_common.machine()}; allocator: {_common.allocator()}",
+        f"- machine: {rows[0]['machine']}; allocator: {rows[0]['allocator']}",
         f"- command: `{_common.command()}`; date: {_common.now()}",
         f"- median of {steps} steps after 2 warm-up steps, each configuration in its own "
         "process; parameters and optimizer state donated. `XLA MiB`: arguments + outputs - "
@@ -234,7 +250,7 @@ def main() -> None:
             table,
         ),
     ]
-    _common.write_section("bench_train_step", "\n".join(body))
+    _common.write_section(section, "\n".join(body))
     print(f"wrote {_common.RESULTS}")
 
 

@@ -4,8 +4,9 @@ SAM-GS is memory-bound. One step must read the stacked gradients g (K x D) and
 the moments m (K x D) and write the moments (K x D) and the update u (D): at
 least ``3KD + D`` floats through memory. The floor is the time a plain memory
 copy takes to move as many bytes (read + write) on the same machine, i.e. a copy
-of ``(3KD + D) / 2`` floats into a warm, preallocated buffer (the faster of an
-XLA copy and numpy's memcpy, taken round by round).
+of ``(3KD + D) / 2`` floats into a warm, preallocated buffer: the fastest, round
+by round, of XLA's copy op, numpy's memcpy, and an XLA elementwise pass (a
+sign-flipping copy, which XLA runs on all cores) into a donated buffer.
 
 For every (K, D) the script builds an MLP-shaped parameter tree of about D
 floats (8 leaves), jits ``samgs(K).update`` with the optimizer state donated (as
@@ -114,12 +115,22 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     def xla_copy(s, t):
         return jax.lax.dynamic_update_slice(t, s, (0,))
 
+    @partial(jax.jit, donate_argnums=(1,))
+    def xla_loop_copy(s, t):
+        # The same bytes through XLA's multi-threaded elementwise emitter (a copy that
+        # flips the sign bit, written into the donated buffer); XLA's copy op is one memcpy.
+        return jax.lax.dynamic_update_slice(t, -s, (0,))
+
     @partial(jax.jit, donate_argnums=(0,))
     def stream(x):
         return x * jnp.float32(1.0000001)
 
     def run_xla_copy():
         box["dst"] = xla_copy(src, box["dst"])
+        box["dst"].block_until_ready()
+
+    def run_loop_copy():
+        box["dst"] = xla_loop_copy(src, box["dst"])
         box["dst"].block_until_ready()
 
     def run_np_copy():
@@ -142,6 +153,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         "samgs": run_samgs,
         "xla_copy": run_xla_copy,
         "np_copy": run_np_copy,
+        "loop_copy": run_loop_copy,
         "stream": run_stream,
         "adam": run_adam,
     }
@@ -155,7 +167,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     faults.update(n=0, calls=0)
     t = _common.interleaved(fns, rounds=rounds, warmup=0)
 
-    floor = np.minimum(t["xla_copy"], t["np_copy"])
+    floor = np.minimum(np.minimum(t["xla_copy"], t["np_copy"]), t["loop_copy"])
     hlo = update.lower(g, box["samgs"]).compile().as_text()
     minimum = 4 * (3 * k * d + d)
     out = {
@@ -167,6 +179,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         "copy_ms": 1e3 * float(np.median(floor)),
         "xla_copy_ms": 1e3 * float(np.median(t["xla_copy"])),
         "np_copy_ms": 1e3 * float(np.median(t["np_copy"])),
+        "loop_copy_ms": 1e3 * float(np.median(t["loop_copy"])),
         "stream_ms": 1e3 * float(np.median(t["stream"])),
         "adam_ms": 1e3 * float(np.median(t["adam"])),
         "vs_copy": _common.median_ratio(t["samgs"], floor),
@@ -276,9 +289,11 @@ def report(results: dict[str, tuple[dict, list[dict]]], args: argparse.Namespace
         "## bench_update: one SAM-GS step against the memory-bandwidth floor",
         "",
         f"- machine: {first.get('machine', '?')}",
-        f"- command: `{_common.command()}`; date: {_common.now()}",
+        f"- command: `{_common.command()}`; date: {_common.now()}; load average "
+        f"{getattr(args, 'load', '?')}",
         "- `x copy`: median over interleaved rounds of t(samgs update) / t(copy of "
-        "(3KD + D)/2 floats into a warm buffer, the faster of XLA and numpy), i.e. the same "
+        "(3KD + D)/2 floats into a warm buffer, the fastest of XLA's copy, numpy's memcpy "
+        "and an XLA elementwise copy), i.e. the same "
         "bytes read + written as the minimum 3KD + D floats a step must move. `x stream`: "
         "against an in-place read-modify-write of those bytes. `x adam`: against "
         "`optax.adam` on the D parameters. `HLO traffic`: operand + result bytes of the "
@@ -342,7 +357,9 @@ def main() -> None:
     if "jemalloc" in allocators and not os.path.exists(_common.JEMALLOC):
         print(f"{_common.JEMALLOC} not found (apt-get install libjemalloc2): glibc only")
         allocators.remove("jemalloc")
+    load_start = _common.load()
     results = {a: run_child(args, a) for a in allocators}
+    args.load = f"{load_start} at start, {_common.load()} at end ({os.cpu_count()} cores)"
     if not args.no_write:
         _common.write_section("bench_update", report(results, args))
         print(f"wrote {_common.RESULTS}")
