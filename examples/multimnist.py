@@ -60,10 +60,10 @@ class Config:
 
     method: str = "samgs"
     seed: int = 0
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 64
     learning_rate: float = 2e-3
-    n_train: int = 6000
+    n_train: int = 4000
     n_val: int = 1000
     n_test: int = 2000
     data_seed: int = 0
@@ -273,13 +273,26 @@ def train(
     start = time.perf_counter()
     params, opt_state, val_acc = state["params"], state["opt_state"], state["val_accuracy"]
     losses = jnp.zeros([task_count(cfg)])
+    diagnostics: list[dict[str, float]] = []  # SAM-GS only: per epoch, this call's epochs
     for epoch in range(first, last):
         order = epoch_order(cfg.seed, epoch, len(train_split.images))
+        equalised, similarity = jnp.zeros([]), jnp.zeros([])
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = (train_split.images[idx], labels[idx], weights)
             params, opt_state, losses = step(params, opt_state, *batch)
+            found = _samgs_state(opt_state)
+            if found is not None:  # device-side sums: no host round trip per step
+                equalised = equalised + found.equalised
+                similarity = similarity + found.similarity
             bar.update(1)
+        if _samgs_state(opt_state) is not None:
+            diagnostics.append(
+                {
+                    "equalised_fraction": round(float(equalised) / steps_per_epoch, 4),
+                    "mean_similarity": round(float(similarity) / steps_per_epoch, 4),
+                }
+            )
         val = mm.accuracy(predict, params, data["val"].images, task_labels(cfg, data["val"].labels))
         val_acc = val_acc.at[epoch].set(jnp.asarray(val, jnp.float32))
         bar.set_postfix(val=" ".join(f"{a:.3f}" for a in val), loss=f"{float(losses[0]):.3f}")
@@ -307,8 +320,16 @@ def train(
         ],
         "train_seconds": round(seconds, 2),
         "recipe": method.note,
+        "samgs_diagnostics": diagnostics or None,
         "params": state["params"],
     }
+
+
+def _samgs_state(opt_state: PyTree) -> samgs_optax.SamgsState | None:
+    """The SAM-GS state inside an optimizer chain's state, if there is one."""
+    is_samgs = lambda x: isinstance(x, samgs_optax.SamgsState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_samgs) if is_samgs(x)]
+    return found[0] if found else None
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
