@@ -86,17 +86,17 @@ TRANSFORMS = {
 }
 
 
-def _aggregate_all(golden, k: int) -> dict[str, np.ndarray]:
+def _aggregate_all(golden, k: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
     """Every method on the three matrices of one K, in one compiled function.
 
     Returns float64 arrays of shape (3, 24) (CAGrad: (len(CAGRAD_CS), 3, 24)).
     """
     jac = _cases(golden, k, "J")
-    grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _split(jac))
-    params = jax.tree.map(lambda x: jnp.zeros(x.shape[2:], jnp.float32), grads)
+    grads = jax.tree.map(lambda x: jnp.asarray(x, dtype), _split(jac))
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[2:], dtype), grads)
     perms = jnp.asarray(_cases(golden, k, "pcgrad_perms"), jnp.int32)
     uniform = jax.tree.map(
-        lambda x: jnp.asarray(x, jnp.float32), _split(_cases(golden, k, "graddrop_uniform"))
+        lambda x: jnp.asarray(x, dtype), _split(_cases(golden, k, "graddrop_uniform"))
     )
 
     def run(tx, g):
@@ -108,10 +108,10 @@ def _aggregate_all(golden, k: int) -> dict[str, np.ndarray]:
         }
         # c is traced, so the three radii share one compiled CAGrad.
         out["cagrad"] = jax.vmap(lambda c: run(samgs_optax.cagrad(k, c=c), g))(
-            jnp.asarray(CAGRAD_CS, jnp.float32)
+            jnp.asarray(CAGRAD_CS, dtype)
         )
         # PCGrad and GradDrop with TorchJD's own random draws.
-        weights = pcgrad_weights(samgs_optax.gramian(g), perm)
+        weights = pcgrad_weights(samgs_optax.gramian(g, dtype), perm)
         out["pcgrad"] = combine(g, weights)
         out["graddrop"] = jax.tree.map(graddrop_leaf, g, u)
         return out
@@ -175,3 +175,48 @@ def test_random_methods_with_torchjd_draws(golden, results, k, key):
     """With the task orders / uniform draws TorchJD made, PCGrad and GradDrop reproduce it."""
     err = _rel(results[k][key], _cases(golden, k, key))
     assert np.all(err < 1e-5), err
+
+
+def _nash_fresh_step(g: jax.Array) -> jax.Array:
+    """One unclipped Nash-MTL step from a fresh state on a (K, D) Jacobian."""
+    nash = samgs_optax.nash_mtl(g.shape[0], max_norm=0.0)
+    params = {"w": jnp.zeros(g.shape[1], g.dtype)}
+    return nash.update({"w": g}, nash.init(params))[0]["w"]
+
+
+def _report() -> None:
+    """Prints the worst relative error of every method over the golden cases.
+
+    ``python tests/test_aggregators_golden.py`` (float32) or with ``--x64`` (float64).
+    """
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    golden = np.load(GOLDEN)
+    worst: dict[str, float] = {}
+    for k in KS:
+        got = _aggregate_all(golden, k, dtype)
+        pairs = [(key, got[key], key) for key in [*TRANSFORMS, "pcgrad", "graddrop"]]
+        pairs += [
+            (f"cagrad_c{c}", got["cagrad"][i], f"cagrad_c{c}") for i, c in enumerate(CAGRAD_CS)
+        ]
+        pairs += [("mgda_torchjd_frank_wolfe", _cases(golden, k, "mgda_torchjd"), "mgda_exact")]
+        for name, value, ref in pairs:
+            err = float(_rel(value, _cases(golden, k, ref)).max())
+            worst[name] = max(worst.get(name, 0.0), err)
+        # Nash-MTL has no exact TorchJD counterpart (its CCP may stop early or fail).
+        jac = _cases(golden, k, "J")
+        ours = jax.vmap(_nash_fresh_step)(jnp.asarray(jac, dtype))
+        err = _rel(np.asarray(ours, np.float64), _cases(golden, k, "nash_mtl_torchjd"))
+        for case, e in zip(KINDS, err, strict=True):
+            print(f"  nash_mtl vs TorchJD NashMTL (CCP), K{k}_{case}: {e:.1e}")
+    count = len(KS) * len(KINDS)
+    print(f"worst ||u - u_torchjd|| / ||u_torchjd|| over {count} matrices, {dtype.__name__}:")
+    for name, err in worst.items():
+        print(f"  {name:28s} {err:.1e}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--x64" in sys.argv:
+        jax.config.update("jax_enable_x64", True)
+    _report()
