@@ -22,9 +22,9 @@ def linear_scalarization(
     Args:
       num_tasks: K >= 2.
       reduction: ``"sum"`` (default, TorchJD's ``Sum``) or ``"mean"`` (TorchJD's ``Mean``).
-      mask: accepted for a uniform signature; every leaf gets the same reduction
-        (with ``"mean"``, task-specific leaves still get the plain sum, as in
-        every other aggregator of this package).
+      mask: shared-leaf mask, as in :func:`samgs_optax.samgs`: shared leaves
+        get the sum (or mean), task-specific leaves the plain sum (as in every
+        aggregator of this package).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
