@@ -93,7 +93,7 @@ def nash_mtl(
       optim_niter: maximum Newton steps per solve (default 20).
       tol: stopping tolerance on the bargaining residual
         :math:`\max_i |\alpha_i (G\alpha)_i - 1|` (default 1e-5). In float32
-        the residual reached is ~1e-7 at K = 2 and 1e-6 to 3e-5 at K = 10
+        the residual reached is ~1e-7 at K = 2 and 1e-7 to 3e-5 at K = 10
         (it grows with the Gramian's condition number); when ``tol`` is below
         that floor the solver simply runs ``optim_niter`` steps.
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
