@@ -247,7 +247,10 @@ def test_nash_mtl_state_and_norm():
     k = 3
     params = {"w": jnp.zeros(8)}
     every2 = samgs_optax.nash_mtl(k, update_weights_every=2)
-    unclipped = samgs_optax.nash_mtl(k, max_norm=0.0)
+    # Through optax.inject_hyperparams, max_norm injected as an array.
+    unclipped = optax.inject_hyperparams(
+        samgs_optax.nash_mtl, static_args=("num_tasks", "update_weights_every", "optim_niter")
+    )(num_tasks=k, max_norm=0.0)
     rng = np.random.default_rng(4)
     grads = [{"w": jnp.asarray(rng.normal(size=(k, 8)), jnp.float32)} for _ in range(3)]
 
@@ -265,7 +268,7 @@ def test_nash_mtl_state_and_norm():
         jac = np.asarray(g["w"], np.float64)
         gram = jac @ jac.T
         # Unclipped: the bargaining solution, so ||u||^2 = sum_i a_i (G a)_i = K.
-        a0 = np.asarray(s0.alpha, np.float64)
+        a0 = np.asarray(s0.inner_state.alpha, np.float64)
         assert np.abs(a0 * (gram @ a0) - 1).max() < 1e-4
         assert np.linalg.norm(np.asarray(u0["w"])) ** 2 == pytest.approx(k, rel=1e-4)
         # Clipped to max_norm = 1.

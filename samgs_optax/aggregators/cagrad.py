@@ -75,6 +75,12 @@ def cagrad(
       rescale: 0 (default, as TorchJD), 1 to divide by :math:`1+c^2`, 2 by :math:`1+c`.
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
 
+    Returns:
+      An ``optax.GradientTransformation`` (state
+      :class:`~samgs_optax.gramian.GramianWeightingState`). With
+      ``optax.inject_hyperparams`` pass ``static_args=("num_tasks", "rescale")``;
+      ``c`` and ``norm_eps`` may then be injected or scheduled.
+
     References:
       Liu, Liu, Jin, Stone, Liu, *Conflict-Averse Gradient Descent for
       Multi-task Learning*, NeurIPS 2021, https://arxiv.org/abs/2110.14048

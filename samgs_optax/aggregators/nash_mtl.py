@@ -98,6 +98,11 @@ def nash_mtl(
         that floor the solver simply runs ``optim_niter`` steps.
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
 
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`NashMTLState`. With
+      ``optax.inject_hyperparams`` pass ``static_args=("num_tasks",
+      "update_weights_every", "optim_niter")``; ``max_norm`` and ``tol`` may be injected.
+
     References:
       Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, *Multi-Task
       Learning as a Bargaining Game*, ICML 2022, https://arxiv.org/abs/2202.01017
@@ -133,12 +138,9 @@ def nash_mtl(
             lambda: nash_mtl_weights(g, state.alpha, optim_niter=optim_niter, tol=tol),
             lambda: (state.alpha, bargaining_residual(g, state.alpha)),
         )
-        weights = alpha
-        if max_norm > 0:
-            norm = jnp.sqrt(jnp.maximum(alpha @ g @ alpha, 0))
-            weights = jnp.where(
-                norm > max_norm, alpha * (max_norm / jnp.where(norm > 0, norm, 1)), alpha
-            )
+        norm = jnp.sqrt(jnp.maximum(alpha @ g @ alpha, 0))  # ||J^T alpha||
+        clip = (max_norm > 0) & (norm > max_norm)
+        weights = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1)), alpha)
         out = merge(combine(shared, weights), heads)
         new_state = NashMTLState(
             shared=state.shared,
