@@ -109,12 +109,12 @@ def compose(
 
 
 def make_multimnist(
-    seed: int = 0, n_train: int = 6000, n_val: int = 1000, n_test: int = 2000
+    seed: int = 0, n_train: int = 4000, n_val: int = 1000, n_test: int = 2000
 ) -> dict[str, Split]:
     """Train / validation / test MultiMNIST splits built from disjoint source digits.
 
     Defaults (see ``docs/multimnist.md``): 3,500 / 500 / 1,000 source digits, composed
-    into 6,000 / 1,000 / 2,000 images. Deterministic in ``seed``.
+    into 4,000 / 1,000 / 2,000 images. Deterministic in ``seed``.
     """
     digits, labels = load_mnist_5k()
     pools = split_sources(labels, seed)

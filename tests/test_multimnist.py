@@ -15,6 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+for _module in ("mlxtend", "orbax.checkpoint", "tqdm", "flax"):  # the "examples" extra
+    pytest.importorskip(_module)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
