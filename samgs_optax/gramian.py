@@ -20,12 +20,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
+from samgs_optax._layout import Mask, merge, resolve_layout, split
 
 PyTree = Any
-Mask = PyTree | Callable[[PyTree], PyTree] | None
 WeightingFn = Callable[[jax.Array], jax.Array]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -78,60 +77,6 @@ def normalize_gramian(g: jax.Array, eps: float | jax.Array) -> jax.Array:
 def regularize_gramian(g: jax.Array, eps: float | jax.Array) -> jax.Array:
     """Adds ``eps`` to the diagonal (TorchJD's ``regularize``)."""
     return g + eps * jnp.eye(g.shape[0], dtype=g.dtype)
-
-
-# --------------------------------------------------------------------------------------
-# Shared / task-specific leaves.
-
-
-def is_masked(x: Any) -> bool:
-    return isinstance(x, MaskedNode)
-
-
-def resolve_layout(mask: Mask, params: PyTree) -> PyTree:
-    """Tree like ``params``: a scalar ``True`` on shared leaves, ``MaskedNode()`` on heads.
-
-    Kept in the transform's state so that ``update`` knows which leaves are
-    shared without needing ``params``; ``MaskedNode`` has no leaves, so the
-    layout survives ``jax.jit``.
-    """
-    if mask is None:
-        resolved = jax.tree.map(lambda _: True, params)
-    else:
-        resolved = mask(params) if callable(mask) else mask
-    try:
-        flags = jax.tree.map(lambda _, s: bool(s), params, resolved)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"mask must have the structure of params.\n  params: "
-            f"{jax.tree.structure(params)}\n  mask: {jax.tree.structure(resolved)}"
-        ) from err
-    if not any(jax.tree.leaves(flags)):
-        raise ValueError("mask selects no shared leaf: at least one leaf must be shared.")
-    return jax.tree.map(lambda s: jnp.ones([], jnp.bool_) if s else MaskedNode(), flags)
-
-
-def split(updates: PyTree, layout: PyTree, num_tasks: int) -> tuple[PyTree, PyTree]:
-    """Validates stacked ``updates``, splits them into (shared, heads), MaskedNode if absent."""
-    _validation.check_same_structure(updates, layout, is_leaf=is_masked)
-    _validation.check_stacked(updates, num_tasks)
-    shared = jax.tree.map(
-        lambda s, u: MaskedNode() if is_masked(s) else u, layout, updates, is_leaf=is_masked
-    )
-    heads = jax.tree.map(
-        lambda s, u: u if is_masked(s) else MaskedNode(), layout, updates, is_leaf=is_masked
-    )
-    return shared, heads
-
-
-def merge(shared_out: PyTree, heads: PyTree) -> PyTree:
-    """Merges the aggregated shared leaves with the plain task sum of the head leaves."""
-    return jax.tree.map(
-        lambda s, hd: jnp.sum(hd, axis=0) if is_masked(s) else s,
-        shared_out,
-        heads,
-        is_leaf=is_masked,
-    )
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ line of ``update_fn`` below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import chex
@@ -16,10 +15,10 @@ import optax
 from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
+from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split, sum_over_tasks
 from samgs_optax.similarity import magnitude_similarity, task_norms
 
 PyTree = Any
-Mask = PyTree | Callable[[PyTree], PyTree] | None
 
 
 class SamgsState(NamedTuple):
@@ -124,11 +123,11 @@ def samgs(
         raise ValueError(f"similarity must be 'mean' or 'min', got {similarity!r}.")
 
     def init_fn(params: PyTree) -> SamgsState:
-        shared = _resolve_mask(mask, params)
+        layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
 
-        def moment(p, is_shared):
-            if not is_shared:
+        def moment(p, flag):
+            if is_masked(flag):
                 return MaskedNode()
             # zeros_like keeps p's sharding (eagerly, and under jit on a mesh with explicit
             # axes); the broadcast adds an unsharded task axis. So m is laid out like the
@@ -139,7 +138,7 @@ def samgs(
 
         return SamgsState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(moment, params, shared),
+            m=jax.tree.map(moment, params, layout, is_leaf=is_masked),
             h=jnp.zeros([], scalar),
             similarity=jnp.ones([], scalar),
             equalised=jnp.zeros([], jnp.bool_),
@@ -148,9 +147,7 @@ def samgs(
 
     def update_fn(updates: PyTree, state: SamgsState, params: PyTree = None):
         del params
-        _validation.check_same_structure(updates, state.m, is_leaf=_is_masked)
-        _validation.check_stacked(updates, num_tasks)
-        g, heads = _split(updates, state.m)
+        g, heads = split(updates, state.m, num_tasks)  # validates: structure, task axis, dtype
         scalar = state.h.dtype
 
         count = optax.safe_increment(state.count)  # t <- t + 1
@@ -179,7 +176,7 @@ def samgs(
             equalised=equalise,
             norms=norms,
         )
-        return _merge(out, heads), new_state
+        return merge(out, heads), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -196,84 +193,4 @@ def _combine(g: jax.Array, m: jax.Array, a: jax.Array, c: jax.Array) -> jax.Arra
     def term(k):
         return g[k] * (a[k] + c * jnp.abs(m[k].astype(a.dtype)))
 
-    return _sum_over_tasks(term, g.shape[0]).astype(g.dtype)
-
-
-def _task_sum(x: jax.Array) -> jax.Array:
-    """sum_k x_k over the leading task axis, accumulated in >= float32 as jnp.sum does."""
-    acc = (
-        jnp.promote_types(x.dtype, jnp.float32)
-        if jnp.issubdtype(x.dtype, jnp.floating)
-        else x.dtype
-    )
-    return _sum_over_tasks(lambda k: x[k].astype(acc), x.shape[0]).astype(x.dtype)
-
-
-_TASK_GROUP = 8  # tasks summed per pass over memory when K > 2 * _TASK_GROUP
-
-
-def _sum_over_tasks(term: Callable[[Any], jax.Array], num_tasks: int) -> jax.Array:
-    """term(0) + term(1) + ... + term(K-1), as elementwise adds (performance only).
-
-    ``jnp.sum(x, axis=0)`` over the leading task axis is lowered by XLA:CPU to a
-    library reduction that runs ~15x slower than memory speed; written out, the K
-    terms fuse into one elementwise pass that reads each input once. Beyond 16
-    tasks that pass reads more concurrent streams than the CPU prefetches well, so
-    the terms are summed 8 at a time, one pass per group, in a ``fori_loop`` that
-    accumulates in place (``benchmarks/bench_update.py``). Only the order of the
-    additions differs from ``jnp.sum``.
-    """
-
-    def group(start, size):
-        total = term(start)
-        for j in range(1, size):
-            total = total + term(start + j)
-        return total
-
-    if num_tasks <= 2 * _TASK_GROUP:
-        return group(0, num_tasks)
-    full = num_tasks // _TASK_GROUP
-    total = jax.lax.fori_loop(
-        1, full, lambda i, acc: acc + group(i * _TASK_GROUP, _TASK_GROUP), group(0, _TASK_GROUP)
-    )
-    rest = num_tasks - full * _TASK_GROUP
-    return total + group(full * _TASK_GROUP, rest) if rest else total
-
-
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, MaskedNode)
-
-
-def _resolve_mask(mask: Mask, params: PyTree) -> PyTree:
-    """Returns a tree of bools with the structure of ``params``."""
-    if mask is None:
-        return jax.tree.map(lambda _: True, params)
-    resolved = mask(params) if callable(mask) else mask
-    try:
-        return jax.tree.map(lambda _, s: bool(s), params, resolved)
-    except ValueError as err:
-        raise ValueError(
-            f"mask must have the structure of params.\n  params: "
-            f"{jax.tree.structure(params)}\n  mask: {jax.tree.structure(resolved)}"
-        ) from err
-
-
-def _split(updates: PyTree, moments: PyTree) -> tuple[PyTree, PyTree]:
-    """Splits updates into (shared, heads) trees, MaskedNode where absent."""
-    shared = jax.tree.map(
-        lambda m, u: MaskedNode() if _is_masked(m) else u, moments, updates, is_leaf=_is_masked
-    )
-    heads = jax.tree.map(
-        lambda m, u: u if _is_masked(m) else MaskedNode(), moments, updates, is_leaf=_is_masked
-    )
-    return shared, heads
-
-
-def _merge(shared_out: PyTree, heads: PyTree) -> PyTree:
-    """Merges the surgery output with the plain task sum of the head leaves."""
-    return jax.tree.map(
-        lambda s, hd: _task_sum(hd) if _is_masked(s) else s,
-        shared_out,
-        heads,
-        is_leaf=_is_masked,
-    )
+    return sum_over_tasks(term, g.shape[0]).astype(g.dtype)

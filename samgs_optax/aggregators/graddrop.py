@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax.gramian import Mask, merge, resolve_layout, split
+from samgs_optax._layout import Mask, merge, resolve_layout, split
 
 PyTree = Any
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax.gramian import GramianWeightingState, Mask, combine, merge, resolve_layout, split
+from samgs_optax._layout import Mask, merge, resolve_layout, split
+from samgs_optax.gramian import GramianWeightingState, combine
 
 
 def linear_scalarization(

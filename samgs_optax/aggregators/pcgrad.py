@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax.gramian import Mask, combine, gramian, merge, resolve_layout, split
+from samgs_optax._layout import Mask, merge, resolve_layout, split
+from samgs_optax.gramian import combine, gramian
 
 PyTree = Any
 
