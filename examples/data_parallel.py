@@ -162,8 +162,10 @@ def shard_map_grads(params, x, y):
         losses, grads = jacobian(p, xb, yb)  # means over this shard's rows
         return jax.lax.pmean(losses, "data"), jax.lax.pmean(grads, "data")
 
-    # check_vma=False: value_and_jacrev's cotangent basis is not marked as varying over
-    # "data"; the pmean makes the outputs replicated either way.
+    # check_vma=False: the per-shard gradients stay per-shard and pmean averages them.
+    # With shard_map's default check_vma=True, JAX sums the gradients of replicated
+    # parameters over "data" itself (as jax.grad does there): divide by the shard count
+    # instead of the pmean (tests/test_sharding.py checks both).
     fn = jax.shard_map(
         local, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()), check_vma=False
     )

@@ -41,6 +41,10 @@ def value_and_jacrev(
       forwards; useful when a per-task forward is much cheaper than the full
       one (e.g. XLA prunes the other tasks' heads).
 
+    Inside ``jax.shard_map`` (default ``check_vma=True``) every mode behaves like
+    ``jax.grad`` there: the gradients of parameters replicated over a mesh axis
+    that the losses vary over come out summed over that axis.
+
     Args:
       fun: function of ``*args`` returning the K losses (and aux).
       argnums: which positional argument to differentiate (an int).
@@ -84,7 +88,7 @@ def value_and_jacrev(
             aux = jax.tree.map(lambda a: a[0], aux)  # identical across tasks
         else:
             losses, vjp_fn, aux = jax.vjp(fun_of_x, x, has_aux=True)
-            basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+            basis = _varying_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
             mapper = jax.vmap if mode == "jacrev" else _sequential_map
             (grads,) = mapper(vjp_fn)(basis)
         return ((losses, aux) if has_aux else losses), grads
@@ -94,3 +98,17 @@ def value_and_jacrev(
 
 def _sequential_map(f: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
     return lambda xs: jax.lax.map(f, xs)
+
+
+def _varying_like(cotangent: jax.Array, primal_out: jax.Array) -> jax.Array:
+    """Marks ``cotangent`` as varying over the manual mesh axes ``primal_out`` varies over.
+
+    Inside ``jax.shard_map`` (with its default ``check_vma=True``) the losses of a
+    sharded batch vary over the data axis, and a VJP requires a cotangent of the
+    same type. As with ``jax.grad`` there, the gradients of replicated parameters
+    then come out summed over that axis. Outside ``shard_map`` this is a no-op.
+    """
+    aval = jax.typeof(primal_out)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier: aval.vma
+    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ())))
+    return jax.lax.pcast(cotangent, axes, to="varying") if axes else cotangent

@@ -96,6 +96,7 @@ def test_data_parallel_gradients_are_the_global_ones(report):
     dp = report["data_parallel"]
     assert dp["err_jit_vs_device"] < TOL_DEVICE
     assert dp["err_shard_map_vs_device"] < TOL_DEVICE
+    assert dp["err_shard_map_vma_vs_device"] < TOL_DEVICE
     assert dp["err_update_vs_device"] < TOL_DEVICE
 
 
@@ -316,6 +317,17 @@ def _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding) -> dict:
             )
         )(p_rep, xs, ys)
 
+        # (2b) shard_map with its default check_vma=True: as with jax.grad there, the
+        # gradients of the replicated parameters come out summed over "data", so the
+        # mean over shards is that sum divided by the number of shards.
+        def local_grads_vma(p, xb, yb):
+            _, g = jac(p, xb, yb)
+            return jax.tree.map(lambda x: x / devices, g)
+
+        g_vma = jax.jit(
+            jax.shard_map(local_grads_vma, in_specs=(P(), P("data"), P("data")), out_specs=P())
+        )(p_rep, xs, ys)
+
         # (3) the wrong order: surgery on each shard's gradients, then average the updates.
         def per_shard_surgery(p, s, xb, yb):
             _, g = jac(p, xb, yb)
@@ -339,6 +351,7 @@ def _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding) -> dict:
     return {
         "err_jit_vs_device": err(g_jit, g_one),
         "err_shard_map_vs_device": err(g_sm, g_one),
+        "err_shard_map_vma_vs_device": err(g_vma, g_one),
         "err_update_vs_device": err(u_jit, u_one),
         "err_per_shard_surgery": err(u_wrong, u_one),
     }
