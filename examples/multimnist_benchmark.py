@@ -1,10 +1,11 @@
 """The MultiMNIST benchmark: every method x 3 seeds, plain and with task 2's loss x100.
 
-    python examples/multimnist_benchmark.py            # ~10-15 min on 2 shared CPU cores
+    python examples/multimnist_benchmark.py            # 8-18 min on 2 shared CPU cores
     python examples/multimnist_benchmark.py --smoke    # tiny sizes, checks the pipeline
 
-Runs, in two worker processes with single-threaded XLA each (on 2 cores this beats one
-process with two threads, and the results do not depend on the number of workers):
+Runs, in two worker processes with single-threaded XLA each (on 2 cores, about 10% more
+throughput than one process; two multi-threaded processes would oversubscribe the cores; the
+results do not depend on the number of workers):
 
 * every method of :func:`multimnist.method_names` (``ls``, ``samgs``, ``samgs_g09`` and
   the registered aggregators) with seeds 0, 1, 2, for the plain problem and for the
