@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import relative_error
 
 DEVICES = 8
 STEPS = 6
@@ -202,13 +203,12 @@ def _child() -> dict:  # pragma: no cover - runs in the subprocess
                 u, state = update(g, state)
                 got = np.concatenate([np.asarray(u[n]).ravel() for n in shared])
                 want = np.concatenate([one_out[step][n].ravel() for n in shared])
-                scale = np.abs(want).max()
-                errs.append(float(np.abs(got - want).max() / scale))
-                errs.append(_rel(np.asarray(u["head"]), one_out[step]["head"]))
-                errs_m.append(max(_rel(np.asarray(state.m[n]), one_m[step][n]) for n in shared))
-                errs_np.append(
-                    float(np.abs(got - ref_out[step]).max() / np.abs(ref_out[step]).max())
+                errs.append(relative_error(got, want))
+                errs.append(relative_error(np.asarray(u["head"]), one_out[step]["head"]))
+                errs_m.append(
+                    max(relative_error(np.asarray(state.m[n]), one_m[step][n]) for n in shared)
                 )
+                errs_np.append(relative_error(got, ref_out[step]))
                 branches.append(bool(state.equalised))
             hlo = update.lower(g, state).compile().as_text()
         res.update(
@@ -227,11 +227,6 @@ def _child() -> dict:  # pragma: no cover - runs in the subprocess
 
     out["data_parallel"] = _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding)
     return out
-
-
-def _rel(got, want) -> float:
-    scale = np.abs(want).max()
-    return float(np.abs(got - want).max() / (scale if scale > 0 else 1.0))
 
 
 def _collectives(hlo: str) -> list[tuple[str, int]]:
@@ -346,7 +341,7 @@ def _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding) -> dict:
     def err(a, b):
         fa = np.concatenate([np.asarray(v).ravel() for v in jax.tree.leaves(a)])
         fb = np.concatenate([np.asarray(v).ravel() for v in jax.tree.leaves(b)])
-        return _rel(fa, fb)
+        return relative_error(fa, fb)
 
     return {
         "err_jit_vs_device": err(g_jit, g_one),
