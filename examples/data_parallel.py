@@ -259,9 +259,16 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. Train with the right order.
     train_step = make_train_step(tx)
+    # With several multi-device steps in flight, XLA:CPU's in-process collectives can
+    # deadlock on a busy machine (one virtual device never joins the all-reduce and the
+    # process aborts after a 40 s timeout); waiting for each step keeps one in flight.
+    # GPUs and TPUs do not need this, so it is limited to the CPU backend.
+    one_step_in_flight = jax.default_backend() == "cpu"
     with jax.set_mesh(mesh):
         for step in range(args.steps + 1):
             params, opt_state, losses = train_step(params, opt_state, x, y)
+            if one_step_in_flight:
+                jax.block_until_ready(losses)
             if lead and step % max(1, args.steps // 4) == 0:
                 print(f"step {step:4d}  task losses {np.round(np.asarray(losses), 4)}")
 
