@@ -1,0 +1,68 @@
+"""The benchmark scripts keep working, and the traffic they count is right.
+
+No timing is asserted here (the machines are shared); only the HLO traffic
+counter of ``benchmarks/_common.py``, checked on programs whose traffic is known
+by hand, and the traffic of the compiled SAM-GS step, which is a property of the
+compiled program rather than of the machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import samgs_optax
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import _common  # noqa: E402
+
+N = 4096
+F32 = 4
+
+
+def _traffic(fn, *args) -> int:
+    return _common.hlo_traffic_bytes(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_traffic_of_elementwise_programs():
+    x = jnp.ones(N)
+    assert _traffic(lambda x: x * 2, x) == 2 * N * F32  # read x, write the result
+    assert _traffic(lambda x, y: x * y + 1.0, x, x + 1) == 3 * N * F32
+
+
+def test_traffic_of_a_reduction():
+    g = jnp.ones((3, N))
+    assert _traffic(lambda g: jnp.sum(g * g, axis=1), g) == 3 * N * F32 + 3 * F32
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_samgs_step_makes_three_passes(k):
+    """norms (read g), moments (read g, m; write m), output (read g, m; write u)."""
+    d = 1 << 16
+    params = {"w": jnp.zeros((d,))}
+    tx = samgs_optax.samgs(k)
+    g = {"w": jnp.ones((k, d))}
+    hlo = jax.jit(tx.update, donate_argnums=(1,)).lower(g, tx.init(params)).compile().as_text()
+    algorithm_floor = (4 * k * d + d) * F32  # g read twice: the norms precede any output
+    three_passes = (6 * k * d + d) * F32
+    traffic = _common.hlo_traffic_bytes(hlo)
+    assert algorithm_floor <= traffic <= 1.01 * three_passes, traffic / three_passes
+
+
+def test_bench_passes_quick_runs():
+    """Also checks that the blocked variant computes the same u and m as the library."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_passes.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step x" in proc.stdout and "blocked 16384 x" in proc.stdout, proc.stdout
