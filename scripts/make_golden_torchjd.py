@@ -25,6 +25,8 @@ magnitude), under keys ``"<case>/<name>"``:
   drew (row i for task i), recorded by wrapping ``torch.randperm``.
 * ``graddrop`` with ``graddrop_uniform`` (24,): the draws of ``torch.rand``,
   recorded the same way.
+* ``graddrop_square``: ``GradDrop(f=square)`` with the same draws (the torch RNG
+  state is restored around it, so every other entry is as without it).
 
 Randomness: NumPy ``default_rng(20250611)`` for the matrices, ``torch.manual_seed(0)``.
 """
@@ -144,12 +146,25 @@ def main() -> None:
 
         rand = _Recorder(torch.rand)
         torch.rand, saved = rand, torch.rand
+        state_before_graddrop = torch.get_rng_state()
         try:
             res["graddrop"] = agg.GradDrop()(j)
         finally:
             torch.rand = saved
         (uniform,) = rand.calls
         res["graddrop_uniform"] = uniform.numpy()
+
+        rand = _Recorder(torch.rand)
+        torch.rand, saved = rand, torch.rand
+        state = torch.get_rng_state()
+        try:
+            torch.set_rng_state(state_before_graddrop)
+            res["graddrop_square"] = agg.GradDrop(f=torch.square)(j)
+        finally:
+            torch.rand = saved
+            torch.set_rng_state(state)
+        (uniform_square,) = rand.calls
+        assert torch.equal(uniform_square, uniform), "GradDrop(f) must reuse the draws"
 
         for key, value in res.items():
             arr = value.detach().numpy() if isinstance(value, torch.Tensor) else value

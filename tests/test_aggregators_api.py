@@ -243,6 +243,18 @@ def test_random_methods_are_reproducible(method):
         assert np.any(other != first)
 
 
+@pytest.mark.parametrize(("purity", "kept"), [(1.0, np.maximum), (0.0, np.minimum)])
+def test_graddrop_purity_fn_decides_the_sign(purity, kept):
+    """f(P) = 1 beats every draw in [0, 1): only positive values pass; f(P) = 0: only negative."""
+    k = 3
+    params = {"w": jnp.zeros(50)}
+    grads = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(k, 50)), jnp.float32)}
+    tx = samgs_optax.graddrop(k, purity_fn=lambda p: jnp.full_like(p, purity))
+    out, _ = jax.jit(tx.update)(grads, tx.init(params))
+    want = kept(np.asarray(grads["w"], np.float64), 0.0).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-6, atol=1e-6)
+
+
 def test_nash_mtl_state_and_norm():
     k = 3
     params = {"w": jnp.zeros(8)}
@@ -315,6 +327,7 @@ def test_bad_inputs_raise_like_samgs(method):
         ("nash_mtl", {"max_norm": -1.0}, ValueError),
         ("graddrop", {"leak": [0.1]}, ValueError),
         ("graddrop", {"leak": [0.1, 1.5]}, ValueError),
+        ("graddrop", {"purity_fn": 0.5}, TypeError),
     ],
 )
 def test_bad_options_raise(method, options, error):

@@ -114,6 +114,9 @@ def _aggregate_all(golden, k: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
         weights = pcgrad_weights(samgs_optax.gramian(g, dtype), perm)
         out["pcgrad"] = combine(g, weights)
         out["graddrop"] = jax.tree.map(graddrop_leaf, g, u)
+        out["graddrop_square"] = jax.tree.map(
+            lambda gl, ul: graddrop_leaf(gl, ul, purity_fn=jnp.square), g, u
+        )
         return out
 
     out = jax.jit(jax.vmap(one_case))(grads, perms, uniform)
@@ -170,7 +173,7 @@ def test_mgda_beats_torchjd_frank_wolfe(golden, k):
 
 
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("key", ["pcgrad", "graddrop"])
+@pytest.mark.parametrize("key", ["pcgrad", "graddrop", "graddrop_square"])
 def test_random_methods_with_torchjd_draws(golden, results, k, key):
     """With the task orders / uniform draws TorchJD made, PCGrad and GradDrop reproduce it."""
     err = _rel(results[k][key], _cases(golden, k, key))
@@ -194,7 +197,8 @@ def _report() -> None:
     worst: dict[str, float] = {}
     for k in KS:
         got = _aggregate_all(golden, k, dtype)
-        pairs = [(key, got[key], key) for key in [*TRANSFORMS, "pcgrad", "graddrop"]]
+        keys = [*TRANSFORMS, "pcgrad", "graddrop", "graddrop_square"]
+        pairs = [(key, got[key], key) for key in keys]
         pairs += [
             (f"cagrad_c{c}", got["cagrad"][i], f"cagrad_c{c}") for i, c in enumerate(CAGRAD_CS)
         ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -16,12 +16,18 @@ from samgs_optax._layout import Mask, merge, resolve_layout, split
 PyTree = Any
 
 
-def graddrop_leaf(g: jax.Array, uniform: jax.Array, leak: jax.Array | None = None) -> jax.Array:
+def graddrop_leaf(
+    g: jax.Array,
+    uniform: jax.Array,
+    leak: jax.Array | None = None,
+    purity_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     r"""GradDrop on one stacked leaf ``g`` (K, ...) with uniform draws ``uniform`` (...).
 
     Per coordinate, the positive sign purity
-    :math:`P = \tfrac12 (1 + \sum_k g_k / \sum_k |g_k|)`; task k's value is kept
-    when it is positive and :math:`P > U`, or negative and :math:`P < U`
+    :math:`P = \tfrac12 (1 + \sum_k g_k / \sum_k |g_k|)`, passed through
+    ``purity_fn`` :math:`f` (identity by default); task k's value is kept
+    when it is positive and :math:`f(P) > U`, or negative and :math:`f(P) < U`
     (:math:`U \sim \mathcal U[0, 1)` shared by the tasks), and the kept values
     are summed: :math:`\sum_k (\ell_k + (1 - \ell_k) M_k)\, g_k` with leak
     :math:`\ell` (default 0). A coordinate where every task is 0 gives 0.
@@ -29,6 +35,8 @@ def graddrop_leaf(g: jax.Array, uniform: jax.Array, leak: jax.Array | None = Non
     total = jnp.sum(g, axis=0)
     magnitude = jnp.sum(jnp.abs(g), axis=0)
     purity = 0.5 * (1 + total / jnp.where(magnitude > 0, magnitude, 1))
+    if purity_fn is not None:
+        purity = purity_fn(purity)
     keep = ((purity > uniform) & (g > 0)) | ((purity < uniform) & (g < 0))
     factor = keep.astype(g.dtype)
     if leak is not None:
@@ -53,6 +61,7 @@ def graddrop(
     num_tasks: int,
     *,
     leak: Sequence[float] | None = None,
+    purity_fn: Callable[[jax.Array], jax.Array] | None = None,
     seed: int = 0,
     key: chex.PRNGKey | None = None,
     mask: Mask = None,
@@ -62,13 +71,16 @@ def graddrop(
     The sign is positive with probability equal to the positive sign purity
     :math:`P` of that coordinate (:func:`graddrop_leaf`). Elementwise, so it
     works leaf by leaf and needs no Gramian. Same semantics as TorchJD's
-    ``GradDrop()`` (identity purity function; uniform draws from a JAX key
-    instead of ``torch.rand``). Like TorchJD it is applied to the parameter
+    ``GradDrop(f, leak)`` (uniform draws from a JAX key instead of
+    ``torch.rand``). Like TorchJD it is applied to the parameter
     gradients; the paper applies it to gradients of a shared activation.
 
     Args:
       num_tasks: K >= 2.
       leak: optional K values in [0, 1]: how much of each task passes regardless (default none).
+      purity_fn: optional monotonically increasing function applied elementwise to the
+        purity P before it is compared with the uniform draws (TorchJD's ``f``); a
+        jittable function of an array, e.g. ``jnp.square``. Default: identity.
       seed: seed of the PRNG key kept in the state (ignored if ``key`` is given).
       key: a ``jax.random`` key to start from.
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs` (heads get the plain sum).
@@ -85,6 +97,8 @@ def graddrop(
             raise ValueError(f"leak must have num_tasks={num_tasks} values, got {len(leak)}.")
         for x in leak:
             _validation.check_interval("leak", x, 0.0, 1.0, closed_high=True)
+    if purity_fn is not None and not callable(purity_fn):
+        raise TypeError(f"purity_fn must be callable or None, got {purity_fn!r}.")
     start = jax.random.PRNGKey(seed) if key is None else key
 
     def init_fn(params: PyTree) -> GradDropState:
@@ -97,10 +111,15 @@ def graddrop(
         leaves, treedef = jax.tree.flatten(shared)
         keys = jax.random.split(draw, max(len(leaves), 1))
         out = [
-            graddrop_leaf(g, jax.random.uniform(kk, g.shape[1:], jnp.float32).astype(g.dtype), leak)
+            graddrop_leaf(g, _uniform(kk, g), leak, purity_fn)
             for g, kk in zip(leaves, keys, strict=False)
         ]
         out = merge(jax.tree.unflatten(treedef, out), heads)
         return out, GradDropState(shared=state.shared, key=next_key)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _uniform(key: chex.PRNGKey, g: jax.Array) -> jax.Array:
+    """U[0, 1) draws shaped like one task's leaf, drawn in float32, in g's dtype."""
+    return jax.random.uniform(key, g.shape[1:], jnp.float32).astype(g.dtype)
