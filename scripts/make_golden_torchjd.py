@@ -111,6 +111,17 @@ class _Recorder:
         return out
 
 
+def _recording(name: str, aggregator, j: torch.Tensor):
+    """``aggregator(j)`` with ``torch.<name>`` wrapped; returns the result and the draws."""
+    saved = getattr(torch, name)
+    recorder = _Recorder(saved)
+    setattr(torch, name, recorder)
+    try:
+        return aggregator(j), recorder.calls
+    finally:
+        setattr(torch, name, saved)
+
+
 def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(20250611)
@@ -136,35 +147,17 @@ def main() -> None:
         for c in CAGRAD_CS:
             res[f"cagrad_c{c}"] = agg.CAGrad(c=c)(j)
 
-        randperm = _Recorder(torch.randperm)
-        torch.randperm, saved = randperm, torch.randperm
-        try:
-            res["pcgrad"] = agg.PCGrad()(j)
-        finally:
-            torch.randperm = saved
-        res["pcgrad_perms"] = torch.stack(randperm.calls).numpy()
+        res["pcgrad"], perms = _recording("randperm", agg.PCGrad(), j)
+        res["pcgrad_perms"] = torch.stack(perms).numpy()
 
-        rand = _Recorder(torch.rand)
-        torch.rand, saved = rand, torch.rand
-        state_before_graddrop = torch.get_rng_state()
-        try:
-            res["graddrop"] = agg.GradDrop()(j)
-        finally:
-            torch.rand = saved
-        (uniform,) = rand.calls
-        res["graddrop_uniform"] = uniform.numpy()
-
-        rand = _Recorder(torch.rand)
-        torch.rand, saved = rand, torch.rand
         state = torch.get_rng_state()
-        try:
-            torch.set_rng_state(state_before_graddrop)
-            res["graddrop_square"] = agg.GradDrop(f=torch.square)(j)
-        finally:
-            torch.rand = saved
-            torch.set_rng_state(state)
-        (uniform_square,) = rand.calls
-        assert torch.equal(uniform_square, uniform), "GradDrop(f) must reuse the draws"
+        res["graddrop"], (uniform,) = _recording("rand", agg.GradDrop(), j)
+        res["graddrop_uniform"] = uniform.numpy()
+        after = torch.get_rng_state()
+        torch.set_rng_state(state)  # the same draws again, then the sequence as without it
+        res["graddrop_square"], (again,) = _recording("rand", agg.GradDrop(f=torch.square), j)
+        torch.set_rng_state(after)
+        assert torch.equal(again, uniform), "GradDrop(f) must reuse the draws"
 
         for key, value in res.items():
             arr = value.detach().numpy() if isinstance(value, torch.Tensor) else value
