@@ -352,5 +352,30 @@ def _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding) -> dict:
     }
 
 
+def test_data_parallel_example_trains():
+    """examples/data_parallel.py end to end on 8 host devices, 8 steps: both losses fall."""
+    import re
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(example), "--steps", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "1 process(es), 8 devices" in proc.stdout
+    wrong = re.search(r"rel\. diff ([0-9.]+)\s+\(not SAM-GS\)", proc.stdout)
+    assert wrong and float(wrong.group(1)) > 0.1, proc.stdout
+    losses = {
+        int(step): np.array(values.split(), float)
+        for step, values in re.findall(r"step\s+(\d+)\s+task losses \[([^\]]+)\]", proc.stdout)
+    }
+    assert set(losses) >= {0, 8}, proc.stdout
+    assert np.all(losses[8] < losses[0]), losses
+
+
 if __name__ == "__main__" and "--child" in sys.argv:  # pragma: no cover
     print(json.dumps(_child()))
