@@ -120,6 +120,56 @@ def interleaved(
     return {name: np.asarray(ts) for name, ts in times.items()}
 
 
+def copy_runners(n: int) -> dict[str, Callable[[], None]]:
+    """Ways to move n float32 into a warm, preallocated buffer (each blocks until done).
+
+    * ``xla_copy``: XLA's copy op (one memcpy) into a donated buffer;
+    * ``loop_copy``: the same bytes through XLA's multi-threaded elementwise emitter
+      (a copy that flips the sign bit), into the same donated buffer;
+    * ``np_copy``: numpy's memcpy between two arrays;
+    * ``stream``: an in-place read-modify-write (x <- x * c) of that buffer, which
+      needs no read-for-ownership of a separate destination: a stricter reference.
+    """
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    src = jnp.ones(n, jnp.float32)
+    box = {"dst": jnp.zeros(n, jnp.float32)}
+    src_np = np.asarray(src)  # zero-copy view of the same buffer
+    dst_np = np.zeros_like(src_np)
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def xla_copy(s, t):
+        return jax.lax.dynamic_update_slice(t, s, (0,))
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def loop_copy(s, t):
+        return jax.lax.dynamic_update_slice(t, -s, (0,))
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def stream(x):
+        return x * jnp.float32(1.0000001)
+
+    def into_dst(fn, *args):
+        def run():
+            box["dst"] = fn(*args, box["dst"])
+            box["dst"].block_until_ready()
+
+        return run
+
+    def run_np_copy():
+        np.copyto(dst_np, src_np)
+
+    return {
+        "xla_copy": into_dst(xla_copy, src),
+        "loop_copy": into_dst(loop_copy, src),
+        "np_copy": run_np_copy,
+        "stream": into_dst(stream),
+    }
+
+
 def median_ratio(num: np.ndarray, den: np.ndarray) -> float:
     """Median over rounds of the per-round ratio num/den."""
     return float(np.median(num / den))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -134,15 +133,13 @@ def measure(k: int, d: int, budget: float) -> dict:
         "output": 2 * k * d + d,
         "passes 2+3": 3 * k * d + d,
     }
-    copies = {}
-    for name, floats in traffic.items():
-        copies[name] = _copy_runners(floats // 2, box, name)
+    copies = {name: _common.copy_runners(floats // 2) for name, floats in traffic.items()}
 
     fns = {"step": run_step, "norms": run_norms, "moments": run_moments, "output": run_output}
     fns |= {f"blocked {t}": blocked_runner(t) for t in blocked}
-    for name, (xla_copy, np_copy) in copies.items():
-        fns[f"copy {name} xla"] = xla_copy
-        fns[f"copy {name} np"] = np_copy
+    for name, runners in copies.items():  # the floor: XLA elementwise copy or numpy memcpy
+        fns[f"copy {name} xla"] = runners["loop_copy"]
+        fns[f"copy {name} np"] = runners["np_copy"]
 
     warm = _common.interleaved(fns, rounds=1, warmup=1)
     per_round = sum(float(v[0]) for v in warm.values())
@@ -165,31 +162,6 @@ def measure(k: int, d: int, budget: float) -> dict:
     for tb in blocked:
         out[f"blocked_{tb}_vs_copy"] = _common.median_ratio(t[f"blocked {tb}"], floor("passes 2+3"))
     return out
-
-
-def _copy_runners(n: int, box: dict, name: str):
-    """XLA elementwise copy (into a donated buffer) and numpy memcpy of n float32."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    src = jnp.ones(n, jnp.float32)
-    box[f"dst {name}"] = jnp.zeros(n, jnp.float32)
-    src_np = np.asarray(src)
-    dst_np = np.zeros_like(src_np)
-
-    @partial(jax.jit, donate_argnums=(1,))
-    def loop_copy(s, t):
-        return jax.lax.dynamic_update_slice(t, -s, (0,))
-
-    def run_xla():
-        box[f"dst {name}"] = loop_copy(src, box[f"dst {name}"])
-        box[f"dst {name}"].block_until_ready()
-
-    def run_np():
-        np.copyto(dst_np, src_np)
-
-    return run_xla, run_np
 
 
 def report(rows: list[dict], args: argparse.Namespace, load_start: str) -> str:

@@ -42,7 +42,6 @@ import math
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,7 +75,6 @@ def make_params(d: int) -> dict:
 def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     """Times one configuration; returns a dict of medians and ratios."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -106,39 +104,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         faults["calls"] += 1
 
     n_copy = (3 * k * d + d) // 2
-    src = jnp.ones(n_copy, jnp.float32)
-    box["dst"] = jnp.zeros(n_copy, jnp.float32)
-    src_np = np.asarray(src)  # zero-copy view of the same buffer
-    dst_np = np.zeros_like(src_np)
-
-    @partial(jax.jit, donate_argnums=(1,))
-    def xla_copy(s, t):
-        return jax.lax.dynamic_update_slice(t, s, (0,))
-
-    @partial(jax.jit, donate_argnums=(1,))
-    def xla_loop_copy(s, t):
-        # The same bytes through XLA's multi-threaded elementwise emitter (a copy that
-        # flips the sign bit, written into the donated buffer); XLA's copy op is one memcpy.
-        return jax.lax.dynamic_update_slice(t, -s, (0,))
-
-    @partial(jax.jit, donate_argnums=(0,))
-    def stream(x):
-        return x * jnp.float32(1.0000001)
-
-    def run_xla_copy():
-        box["dst"] = xla_copy(src, box["dst"])
-        box["dst"].block_until_ready()
-
-    def run_loop_copy():
-        box["dst"] = xla_loop_copy(src, box["dst"])
-        box["dst"].block_until_ready()
-
-    def run_np_copy():
-        np.copyto(dst_np, src_np)
-
-    def run_stream():
-        box["dst"] = stream(box["dst"])
-        box["dst"].block_until_ready()
+    copies = _common.copy_runners(n_copy)
 
     adam = optax.adam(1e-3)
     adam_update = jax.jit(adam.update, donate_argnums=(1,))
@@ -151,10 +117,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
 
     fns = {
         "samgs": run_samgs,
-        "xla_copy": run_xla_copy,
-        "np_copy": run_np_copy,
-        "loop_copy": run_loop_copy,
-        "stream": run_stream,
+        **copies,
         "adam": run_adam,
     }
     if legacy:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,8 +232,6 @@ def _child() -> dict:  # pragma: no cover - runs in the subprocess
 
 def _collectives(hlo: str) -> list[tuple[str, int]]:
     """(opcode, elements of the result) of every cross-device op of the compiled module."""
-    import re
-
     found = []
     ops = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
     pattern = rf"= (\w+)\[([\d,]*)\][^=]*? ({ops})(?:-start)?\("
@@ -354,8 +353,6 @@ def _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding) -> dict:
 
 def test_data_parallel_example_trains():
     """examples/data_parallel.py end to end on 8 host devices, 8 steps: both losses fall."""
-    import re
-
     example = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
