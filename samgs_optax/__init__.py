@@ -5,6 +5,7 @@ task axis of length K, as :func:`value_and_jacrev` returns them) and produces
 one update shaped like the parameters, ready to chain with any optax optimizer.
 """
 
+from samgs_optax.accumulation import MultiStepsState, has_updated, multi_steps
 from samgs_optax.aggregators import (
     AGGREGATORS,
     GradDropState,
@@ -46,9 +47,12 @@ __all__ = [
     "pcgrad",
     "upgrad",
     "ApplyIfFiniteState",
+    "MultiStepsState",
     "SamgsState",
     "apply_if_finite",
+    "has_updated",
     "magnitude_similarity",
+    "multi_steps",
     "pairwise_similarity",
     "samgs",
     "task_norms",
