@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -9,7 +10,14 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-Mode = Literal["jacrev", "vmap", "sequential"]
+Mode = Literal["auto", "jacrev", "vmap", "sequential"]
+MODES = ("auto", "jacrev", "vmap", "sequential")
+
+AUTO_MODE = {"cpu": "sequential"}
+"""What ``mode="auto"`` runs on each platform; every other platform runs ``"jacrev"``."""
+
+SEQUENTIAL_UNROLL = 32
+"""Default ``unroll`` of ``mode="sequential"``: K up to this runs as straight-line code."""
 
 
 def value_and_jacrev(
@@ -17,29 +25,51 @@ def value_and_jacrev(
     argnums: int = 0,
     *,
     has_aux: bool = False,
-    mode: Mode = "jacrev",
+    mode: Mode = "auto",
+    unroll: int = SEQUENTIAL_UNROLL,
 ) -> Callable[..., tuple[Any, PyTree]]:
-    """Like ``jax.value_and_grad`` for a function returning the K task losses.
+    r"""Like ``jax.value_and_grad`` for a function returning the K task losses.
 
     ``fun(*args)`` must return a vector of shape (K,) (or ``(losses, aux)`` with
     ``has_aux=True``). The returned function gives ``(losses, grads)`` (or
     ``((losses, aux), grads)``) where ``grads`` has the structure of
     ``args[argnums]`` and every leaf an extra leading axis of length K:
-    ``grads[k]`` is the gradient of ``losses[k]``. This is the input
-    :func:`samgs_optax.samgs` and the other aggregators expect.
+    ``grads[k]`` is :math:`\nabla_x \ell_k`, the gradient of ``losses[k]``. This
+    is the input :func:`samgs_optax.samgs` and the other aggregators expect.
 
-    Cost, for a model with D parameters and K tasks:
+    Modes, for a model with D parameters and K tasks (all give the same
+    gradients up to floating-point rounding):
 
-    * ``"jacrev"`` (default): one forward pass, then the K backward passes
-      vectorised (``jax.vmap`` over the VJP, as ``jax.jacrev`` does). Fastest;
-      peak memory holds the forward residuals once plus K gradients.
-    * ``"sequential"``: one forward pass, then the K backward passes one after
-      the other (``jax.lax.map`` over the VJP). Peak memory beyond the stacked
-      output stays near one gradient; slowest on parallel hardware.
+    * ``"auto"`` (default): ``"sequential"`` when compiled for CPU,
+      ``"jacrev"`` elsewhere (GPU, TPU), per the table :data:`AUTO_MODE`,
+      chosen at lowering time with ``jax.lax.platform_dependent``. On XLA:CPU
+      the batched backward of ``"jacrev"`` is slower than K separate backward
+      passes (batched matmuls and convolution weight gradients have no fast
+      CPU kernel); on a GPU the batched backward is as fast or faster
+      (``benchmarks/bench_train_step.py``).
+    * ``"jacrev"``: one forward pass, then the K backward passes vectorised
+      (``jax.vmap`` over the VJP, as ``jax.jacrev`` does). Peak memory holds the
+      forward residuals once plus the backward intermediates of all K tasks.
+    * ``"sequential"``: one forward pass, then the K backward passes (VJPs with
+      the cotangents :math:`e_1, \dots, e_K`) one after the other: the K
+      gradients cost exactly one forward plus K backward passes. For
+      :math:`K \le` ``unroll`` the K VJPs are straight-line code, ordered by
+      ``jax.lax.optimization_barrier`` so that no backend runs two at once;
+      beyond, they run ``unroll`` at a time inside a ``jax.lax.map``. Memory:
+      inside the loop the temporaries beyond the stacked output stay at one
+      backward pass; unrolled, XLA keeps about one activation-sized buffer per
+      pass (about half of ``"jacrev"``'s growth with K; measured in
+      ``tests/test_jacobian.py``). Speed: XLA:CPU runs convolution weight
+      gradients ~50x slower inside a loop, so on CPU keep ``unroll >= K``;
+      the default unrolls up to 32 tasks (compile time grows with the count).
     * ``"vmap"``: K forward and K backward passes, vectorised over tasks
       (``jax.vmap`` of ``jax.value_and_grad`` of one task's loss). Pays K
       forwards; useful when a per-task forward is much cheaper than the full
       one (e.g. XLA prunes the other tasks' heads).
+
+    ``aux``: with ``has_aux=True`` it is the ``aux`` of the one forward pass in
+    ``"auto"``, ``"jacrev"`` and ``"sequential"`` modes, and task 0's forward
+    pass in ``"vmap"`` mode (every task's forward computes the same ``aux``).
 
     Inside ``jax.shard_map`` (default ``check_vma=True``) every mode behaves like
     ``jax.grad`` there: the gradients of parameters replicated over a mesh axis
@@ -49,15 +79,21 @@ def value_and_jacrev(
       fun: function of ``*args`` returning the K losses (and aux).
       argnums: which positional argument to differentiate (an int).
       has_aux: whether ``fun`` returns ``(losses, aux)``.
-      mode: ``"jacrev"``, ``"sequential"`` or ``"vmap"``.
+      mode: ``"auto"``, ``"jacrev"``, ``"sequential"`` or ``"vmap"``.
+      unroll: in ``"sequential"`` mode (and ``"auto"`` on CPU), the number of
+        backward passes written out as straight-line code: all K when
+        ``K <= unroll``, else chunks of ``unroll`` inside a ``jax.lax.map``
+        (compile time grows with the unrolled count). Default 32.
 
     Returns:
       A function of the same arguments as ``fun``.
     """
-    if mode not in ("jacrev", "vmap", "sequential"):
-        raise ValueError(f"mode must be 'jacrev', 'vmap' or 'sequential', got {mode!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
     if not isinstance(argnums, int):
         raise TypeError(f"argnums must be an int, got {argnums!r}.")
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be a positive int, got {unroll!r}.")
 
     def wrapped(*args):
         def fun_of_x(x):
@@ -74,30 +110,88 @@ def value_and_jacrev(
             return losses, aux
 
         x = args[argnums]
-        if mode == "vmap":
-            num_tasks = jax.eval_shape(fun_of_x, x)[0].shape[0]
-
-            def task_value_and_grad(k):
-                def task_loss(p):
-                    losses, aux = fun_of_x(p)
-                    return losses[k], aux
-
-                return jax.value_and_grad(task_loss, has_aux=True)(x)
-
-            (losses, aux), grads = jax.vmap(task_value_and_grad)(jnp.arange(num_tasks))
-            aux = jax.tree.map(lambda a: a[0], aux)  # identical across tasks
+        if mode == "auto":
+            per_platform = {
+                platform: functools.partial(_one_forward, fun_of_x, mode=chosen, unroll=unroll)
+                for platform, chosen in AUTO_MODE.items()
+            }
+            default = functools.partial(_one_forward, fun_of_x, mode="jacrev", unroll=unroll)
+            losses, aux, grads = jax.lax.platform_dependent(x, default=default, **per_platform)
+        elif mode == "vmap":
+            losses, aux, grads = _k_forwards(fun_of_x, x)
         else:
-            losses, vjp_fn, aux = jax.vjp(fun_of_x, x, has_aux=True)
-            basis = _varying_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
-            mapper = jax.vmap if mode == "jacrev" else _sequential_map
-            (grads,) = mapper(vjp_fn)(basis)
+            losses, aux, grads = _one_forward(fun_of_x, x, mode, unroll)
         return ((losses, aux) if has_aux else losses), grads
 
     return wrapped
 
 
-def _sequential_map(f: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
-    return lambda xs: jax.lax.map(f, xs)
+def _k_forwards(fun_of_x: Callable, x: PyTree) -> tuple[jax.Array, Any, PyTree]:
+    """K forward and backward passes, vectorised over tasks (``mode="vmap"``)."""
+    num_tasks = jax.eval_shape(fun_of_x, x)[0].shape[0]
+
+    def task_value_and_grad(k):
+        def task_loss(p):
+            losses, aux = fun_of_x(p)
+            return losses[k], aux
+
+        return jax.value_and_grad(task_loss, has_aux=True)(x)
+
+    (losses, aux), grads = jax.vmap(task_value_and_grad)(jnp.arange(num_tasks))
+    aux = jax.tree.map(lambda a: a[0], aux)  # identical across tasks
+    return losses, aux, grads
+
+
+def _one_forward(
+    fun_of_x: Callable, x: PyTree, mode: str, unroll: int
+) -> tuple[jax.Array, Any, PyTree]:
+    """One forward pass, then the K VJPs with cotangents e_1..e_K, batched or in sequence."""
+    losses, vjp_fn, aux = jax.vjp(fun_of_x, x, has_aux=True)
+    basis = _varying_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
+    if mode == "jacrev":
+        (grads,) = jax.vmap(vjp_fn)(basis)
+    else:
+        grads = _sequential_vjps(lambda e: vjp_fn(e)[0], basis, unroll)
+    return losses, aux, grads
+
+
+def _sequential_vjps(vjp: Callable[[jax.Array], PyTree], basis: jax.Array, unroll: int) -> PyTree:
+    """``vjp(basis[k])`` for k = 0..K-1 one after the other, stacked along a new axis 0.
+
+    Chunks of ``unroll`` VJPs are straight-line code; more than ``unroll`` run as
+    a ``lax.map`` over full chunks, the remainder after it.
+    """
+    num = basis.shape[0]
+    if num <= unroll:
+        return _stack(_in_order(vjp, list(basis)))
+    full = num // unroll
+    chunks = basis[: full * unroll].reshape(full, unroll, *basis.shape[1:])
+    mapped = jax.lax.map(lambda c: _stack(_in_order(vjp, list(c))), chunks)
+    mapped = jax.tree.map(lambda a: a.reshape(full * unroll, *a.shape[2:]), mapped)
+    if full * unroll == num:
+        return mapped
+    rest = _stack(_in_order(vjp, list(basis[full * unroll :])))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), mapped, rest)
+
+
+def _in_order(vjp: Callable[[jax.Array], PyTree], cotangents: list[jax.Array]) -> list[PyTree]:
+    """Applies ``vjp`` to each cotangent, each call starting after the previous one ended.
+
+    An optimization barrier over (result k, cotangent k+1) makes cotangent k+1
+    available only once result k exists, so no scheduler can run two backward
+    passes at once. Only the cotangent is taken from the barrier: result k keeps
+    its own type (inside ``shard_map`` the barrier's outputs would all become
+    varying over the axes the cotangent varies over).
+    """
+    results = [vjp(cotangents[0])]
+    for cot in cotangents[1:]:
+        _, cot = jax.lax.optimization_barrier((results[-1], cot))
+        results.append(vjp(cot))
+    return results
+
+
+def _stack(trees: list[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _varying_like(cotangent: jax.Array, primal_out: jax.Array) -> jax.Array:
