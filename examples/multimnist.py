@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -52,6 +53,29 @@ import samgs_optax  # noqa: E402
 PyTree = Any
 NUM_TASKS = 2
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# Deterministic GPU kernels (reductions, scatter, convolution algorithms): a run and its
+# resumed copy then give bit-identical parameters on a GPU as on CPU, where XLA is
+# already deterministic. No effect on CPU.
+DETERMINISTIC_FLAGS = "--xla_gpu_deterministic_ops=true"
+
+
+def add_xla_flags(flags: str) -> None:
+    """Appends to ``XLA_FLAGS``; XLA reads it once, when the first backend starts."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(
+            f"XLA flags {flags!r} must be set before JAX's first computation in this process."
+        )
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 of the parameters' bytes, leaf by leaf: equal digests mean bit-identical runs."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +357,10 @@ def _samgs_state(opt_state: PyTree) -> samgs_optax.SamgsState | None:
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-serialisable part of a result (drops the parameters)."""
-    return {k: v for k, v in result.items() if k != "params"}
+    """The JSON-serialisable part of a result: the parameters only as their digest."""
+    out = {k: v for k, v in result.items() if k != "params"}
+    out["params_sha256"] = params_digest(result["params"])
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -346,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, dest="learning_rate")
     parser.add_argument("--n-train", type=int)
+    parser.add_argument("--n-val", type=int)
+    parser.add_argument("--n-test", type=int)
     parser.add_argument("--loss-scale", type=float, help="weight of task 2's loss (e.g. 100)")
     parser.add_argument("--task", type=int, help="for --method stl: 0 (left) or 1 (right)")
     parser.add_argument("--m-dtype", help="dtype of SAM-GS's moments, e.g. bfloat16")
@@ -353,6 +381,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs")
     parser.add_argument("--single-thread", action="store_true", help="XLA on one thread")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels (bit-identical reruns and resumes on a GPU; no-op on CPU)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -363,8 +396,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, args = parse_args(argv)
-    if args.single_thread:  # read when the backend starts, i.e. before the first computation
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}"
+    if args.single_thread:
+        add_xla_flags(SINGLE_THREAD_FLAGS)
+    if args.deterministic:
+        add_xla_flags(DETERMINISTIC_FLAGS)
     result = train(
         cfg,
         checkpoint_dir=args.checkpoint_dir,
