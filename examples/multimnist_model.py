@@ -158,7 +158,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     per_task: bool = True,
-    jac_mode: str = "jacrev",
+    jac_mode: str = "auto",
 ) -> TrainStep:
     """Jit-compiled ``step(params, opt_state, images, labels, loss_weights)``.
 

@@ -8,6 +8,7 @@ compiled program rather than of the machine.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,16 @@ def test_bench_passes_quick_runs():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step x" in proc.stdout and "blocked 16384 x" in proc.stdout, proc.stdout
+
+
+def test_bench_trainer_vs_authors_quick_runs_without_torch():
+    """The JAX side on whatever backend it finds; PyTorch absent is not an error."""
+    env = dict(os.environ, SAMGS_TORCH_PYTHON="/nonexistent/python")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_trainer_vs_authors.py"), "--quick",
+         "--torch-python", "/nonexistent/python"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("mlp  K= 2") and "ours" in line and "floor" in line, proc.stdout
