@@ -120,15 +120,23 @@ def interleaved(
     return {name: np.asarray(ts) for name, ts in times.items()}
 
 
+COPY_FLOORS = ("xla_copy", "np_copy", "torch_copy", "loop_copy")
+"""The runners whose fastest time is a benchmark's copy floor (those present)."""
+
+
 def copy_runners(n: int) -> dict[str, Callable[[], None]]:
     """Ways to move n float32 into a warm, preallocated buffer (each blocks until done).
 
+    On the default JAX backend (CPU, or a GPU's memory when JAX finds one):
+
     * ``xla_copy``: XLA's copy op (one memcpy) into a donated buffer;
-    * ``loop_copy``: the same bytes through XLA's multi-threaded elementwise emitter
-      (a copy that flips the sign bit), into the same donated buffer;
-    * ``np_copy``: numpy's memcpy between two arrays;
+    * ``loop_copy``: the same bytes through XLA's elementwise emitter (a copy
+      that flips the sign bit), into the same donated buffer;
     * ``stream``: an in-place read-modify-write (x <- x * c) of that buffer, which
-      needs no read-for-ownership of a separate destination: a stricter reference.
+      needs no read-for-ownership of a separate destination: a stricter reference;
+    * on CPU, ``np_copy``: numpy's memcpy between two arrays;
+    * on a GPU, ``torch_copy``: PyTorch's device-to-device ``copy_`` of n floats,
+      when torch with CUDA is importable.
     """
     from functools import partial
 
@@ -137,8 +145,6 @@ def copy_runners(n: int) -> dict[str, Callable[[], None]]:
 
     src = jnp.ones(n, jnp.float32)
     box = {"dst": jnp.zeros(n, jnp.float32)}
-    src_np = np.asarray(src)  # zero-copy view of the same buffer
-    dst_np = np.zeros_like(src_np)
 
     @partial(jax.jit, donate_argnums=(1,))
     def xla_copy(s, t):
@@ -159,15 +165,44 @@ def copy_runners(n: int) -> dict[str, Callable[[], None]]:
 
         return run
 
-    def run_np_copy():
-        np.copyto(dst_np, src_np)
-
-    return {
+    runners = {
         "xla_copy": into_dst(xla_copy, src),
         "loop_copy": into_dst(loop_copy, src),
-        "np_copy": run_np_copy,
         "stream": into_dst(stream),
     }
+    if jax.default_backend() == "cpu":
+        src_np = np.asarray(src)  # zero-copy view of the same buffer
+        dst_np = np.zeros_like(src_np)
+        runners["np_copy"] = lambda: np.copyto(dst_np, src_np)
+    else:
+        torch_copy = _torch_device_copy(n)
+        if torch_copy is not None:
+            runners["torch_copy"] = torch_copy
+    return runners
+
+
+def _torch_device_copy(n: int) -> Callable[[], None] | None:
+    """PyTorch's device-to-device copy of n float32 on CUDA, or None without it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    src = torch.ones(n, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    return run
+
+
+def copy_floor(times: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
+    """Per round, the fastest of the copy runners present (``COPY_FLOORS``) in ``times``."""
+    present = [times[prefix + name] for name in COPY_FLOORS if prefix + name in times]
+    return np.min(np.stack(present), axis=0)
 
 
 def median_ratio(num: np.ndarray, den: np.ndarray) -> float:

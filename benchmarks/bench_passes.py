@@ -137,9 +137,10 @@ def measure(k: int, d: int, budget: float) -> dict:
 
     fns = {"step": run_step, "norms": run_norms, "moments": run_moments, "output": run_output}
     fns |= {f"blocked {t}": blocked_runner(t) for t in blocked}
-    for name, runners in copies.items():  # the floor: XLA elementwise copy or numpy memcpy
-        fns[f"copy {name} xla"] = runners["loop_copy"]
-        fns[f"copy {name} np"] = runners["np_copy"]
+    for name, runners in copies.items():  # the floor: XLA elementwise copy, memcpy or torch's
+        for runner in ("loop_copy", "np_copy", "torch_copy"):
+            if runner in runners:
+                fns[f"copy {name} {runner}"] = runners[runner]
 
     warm = _common.interleaved(fns, rounds=1, warmup=1)
     per_round = sum(float(v[0]) for v in warm.values())
@@ -147,7 +148,7 @@ def measure(k: int, d: int, budget: float) -> dict:
     t = _common.interleaved(fns, rounds=rounds, warmup=0)
 
     def floor(name):
-        return np.minimum(t[f"copy {name} xla"], t[f"copy {name} np"])
+        return _common.copy_floor(t, prefix=f"copy {name} ")
 
     out = {"K": k, "D": d, "rounds": rounds}
     for name in ("step", "norms", "moments", "output"):

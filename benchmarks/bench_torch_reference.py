@@ -74,25 +74,33 @@ def torch_child(request: dict) -> dict:
     """Runs in the torch interpreter: the agreement check, then the timings."""
     import torch
 
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
     # Agreement: the steps given as (K, D) nested lists.
     agg = TorchSamgs(gamma=request["gamma"])
     check = []
     for g in request["check"]:
-        u, _ = agg.step(torch.tensor(g, dtype=torch.float32).T.contiguous())
-        check.append(u.tolist())
+        u, _ = agg.step(torch.tensor(g, dtype=torch.float32, device=device).T.contiguous())
+        check.append(u.cpu().tolist())
     out["check"] = check
     times = {}
     for k, d in request["shapes"]:
         torch.manual_seed(0)
-        grads = torch.randn(d, k, dtype=torch.float32)
+        grads = torch.randn(d, k, dtype=torch.float32, device=device)
         agg = TorchSamgs()
         for _ in range(2):
             agg.step(grads)
+        sync()
         ts = []
         for _ in range(request["reps"]):
             t0 = time.perf_counter()
             agg.step(grads)
+            sync()
             ts.append(time.perf_counter() - t0)
         ts.sort()
         times[f"{k},{d}"] = ts[len(ts) // 2]
@@ -252,7 +260,8 @@ def main() -> None:
         "## bench_torch_reference: the authors' PyTorch step against ours",
         "",
         f"- machine: {_common.machine()}; PyTorch {torch_res['torch']} "
-        f"({torch_res['threads']} threads, CPU); allocator: {_common.allocator()}",
+        f"({torch_res['threads']} threads, {torch_res.get('device', 'cpu')}); "
+        f"allocator: {_common.allocator()}",
         f"- command: `{_common.command()}`; date: {_common.now()}",
         "- PyTorch: a transcription of the authors' `balance_magnitude` on a (D, K) float32 "
         "matrix (flattening not timed); ours: jitted `samgs(K).update`, state donated, "

@@ -130,7 +130,7 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     faults.update(n=0, calls=0)
     t = _common.interleaved(fns, rounds=rounds, warmup=0)
 
-    floor = np.minimum(np.minimum(t["xla_copy"], t["np_copy"]), t["loop_copy"])
+    floor = _common.copy_floor(t)
     hlo = update.lower(g, box["samgs"]).compile().as_text()
     minimum = 4 * (3 * k * d + d)
     out = {
@@ -141,7 +141,8 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         "samgs_ms": 1e3 * float(np.median(t["samgs"])),
         "copy_ms": 1e3 * float(np.median(floor)),
         "xla_copy_ms": 1e3 * float(np.median(t["xla_copy"])),
-        "np_copy_ms": 1e3 * float(np.median(t["np_copy"])),
+        "np_copy_ms": 1e3 * float(np.median(t["np_copy"])) if "np_copy" in t else None,
+        "torch_copy_ms": (1e3 * float(np.median(t["torch_copy"])) if "torch_copy" in t else None),
         "loop_copy_ms": 1e3 * float(np.median(t["loop_copy"])),
         "stream_ms": 1e3 * float(np.median(t["stream"])),
         "adam_ms": 1e3 * float(np.median(t["adam"])),
