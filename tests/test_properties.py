@@ -82,3 +82,23 @@ def test_psi_pairs_match_definition(grads):
             den = norms[i] ** 2 + norms[j] ** 2
             want = 1.0 if den == 0 else 2 * norms[i] * norms[j] / den
             assert abs(got[i, j] - want) < 1e-5
+
+
+@jax.jit
+def _rescaled_norms(grads):
+    return samgs_optax.task_norms({"w": grads}, rescale=True)
+
+
+@SETTINGS
+@given(
+    direction=arrays(np.float64, (K, D), elements=st.floats(-1, 1)),
+    log_scales=arrays(np.float64, (K,), elements=st.floats(-36, 36)),
+)
+def test_rescaled_task_norms_match_float64(direction, log_scales):
+    """task_norms(rescale=True): each task's norm to float32 rounding over 72 decades."""
+    grads = (direction * 10.0 ** log_scales[:, None]).astype(np.float32)
+    # Entries below the smallest normal float32 are flushed on CPU before any scaling.
+    assume(np.all((grads == 0) | (np.abs(grads) >= np.finfo(np.float32).tiny)))
+    want = np.linalg.norm(grads.astype(np.float64), axis=1)
+    got = np.asarray(_rescaled_norms(grads), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)

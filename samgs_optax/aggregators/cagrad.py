@@ -19,6 +19,7 @@ def cagrad_weights(
     c: float | jax.Array = 0.5,
     norm_eps: float | jax.Array = 1e-4,
     rescale: Literal[0, 1, 2] = 0,
+    log2_scale: jax.Array | int = 0,
 ) -> jax.Array:
     r"""CAGrad weights :math:`e + (r / \|J^\top w\|)\, w` on the trace-normalised Gramian.
 
@@ -28,9 +29,13 @@ def cagrad_weights(
     weights are 0 when :math:`\|J^\top w\| < \epsilon_n` there (approximately
     Pareto-stationary), and also when :math:`\operatorname{tr} G < \epsilon_n`.
     ``rescale`` 1 divides by :math:`1 + c^2`, 2 by :math:`1 + c` (Liu et al.'s code).
+    Only the trace test depends on the scale of :math:`G` (the dual-norm test
+    is on :math:`G/\operatorname{tr} G`); for a scaled Gramian ``g``
+    :math:`= 2^{-t} G` pass ``log2_scale`` :math:`= t` (see
+    :func:`~samgs_optax.gramian.normalize_gramian`).
     """
     k = g.shape[0]
-    g_n = normalize_gramian(g, norm_eps)
+    g_n = normalize_gramian(g, norm_eps, log2_scale)
     y, _ = cagrad_path(g_n, c)
     e = jnp.full([k], 1.0 / k, g.dtype)
     total = jnp.sum(y)
@@ -70,8 +75,9 @@ def cagrad(
       c: radius of the ball relative to :math:`\|g_0\|`, :math:`c \ge 0`. TorchJD
         has no default; 0.5 is what the SAM-GS authors' configurations use
         (``alpha: 0.5``), Liu et al. use 0.4 on NYU-v2 and CityScapes.
-      norm_eps: threshold on the (absolute) trace of the Gramian and on the
-        dual norm, below which the update is 0 (TorchJD default 1e-4).
+      norm_eps: threshold on the true (absolute) trace of the Gramian and on the
+        dual norm on the trace-normalised Gramian, below which the update is 0
+        (TorchJD default 1e-4).
       rescale: 0 (default, as TorchJD), 1 to divide by :math:`1+c^2`, 2 by :math:`1+c`.
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
 
@@ -91,6 +97,7 @@ def cagrad(
         raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
     return gramian_weighting(
         num_tasks,
-        lambda g: cagrad_weights(g, c=c, norm_eps=norm_eps, rescale=rescale),
+        lambda g, t: cagrad_weights(g, c=c, norm_eps=norm_eps, rescale=rescale, log2_scale=t),
         mask=mask,
+        with_scale=True,
     )

@@ -12,14 +12,19 @@ from samgs_optax.gramian import Mask, gramian_weighting, normalize_gramian, regu
 
 
 def dualproj_weights(
-    g: jax.Array, *, norm_eps: float | jax.Array = 1e-4, reg_eps: float | jax.Array = 1e-4
+    g: jax.Array,
+    *,
+    norm_eps: float | jax.Array = 1e-4,
+    reg_eps: float | jax.Array = 1e-4,
+    log2_scale: jax.Array | int = 0,
 ) -> jax.Array:
     r"""DualProj weights :math:`w = \arg\min_{v \ge \mathbf 1/K} v^\top \tilde G v`.
 
-    :math:`\tilde G` as in :func:`~samgs_optax.aggregators.upgrad.upgrad_weights`.
+    :math:`\tilde G` and ``log2_scale`` as in
+    :func:`~samgs_optax.aggregators.upgrad.upgrad_weights`.
     """
     k = g.shape[0]
-    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps), reg_eps)
+    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps, log2_scale), reg_eps)
     return project_dual_cone(g_tilde, jnp.full([k], 1.0 / k, g.dtype))
 
 
@@ -38,7 +43,8 @@ def dualproj(
 
     Args:
       num_tasks: K >= 2.
-      norm_eps: trace threshold of the Gramian normalisation (TorchJD default 1e-4).
+      norm_eps: threshold on the true (absolute) trace of the Gramian, below
+        which the update is the mean gradient (TorchJD default 1e-4).
       reg_eps: ridge added to the normalised Gramian (TorchJD default 1e-4).
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
 
@@ -49,5 +55,8 @@ def dualproj(
     _validation.check_interval("norm_eps", norm_eps, 0.0, float("inf"), closed_high=True)
     _validation.check_interval("reg_eps", reg_eps, 0.0, float("inf"), closed_high=True)
     return gramian_weighting(
-        num_tasks, lambda g: dualproj_weights(g, norm_eps=norm_eps, reg_eps=reg_eps), mask=mask
+        num_tasks,
+        lambda g, t: dualproj_weights(g, norm_eps=norm_eps, reg_eps=reg_eps, log2_scale=t),
+        mask=mask,
+        with_scale=True,
     )

@@ -11,7 +11,7 @@ from samgs_optax.gramian import Mask, gramian_weighting
 
 def mgda_weights(g: jax.Array) -> jax.Array:
     r"""Exact :math:`\arg\min_{w \in \Delta_K} w^\top G w` (see
-    :func:`~samgs_optax.aggregators._solvers.min_norm_weights`)."""
+    :func:`~samgs_optax.aggregators._solvers.min_norm_weights`); invariant to the scale of G."""
     return min_norm_weights(g)[0]
 
 

@@ -12,7 +12,7 @@ import optax
 from samgs_optax import _validation
 from samgs_optax._layout import Mask, merge, resolve_layout, split
 from samgs_optax.aggregators._solvers import bargaining, bargaining_residual
-from samgs_optax.gramian import combine, gramian
+from samgs_optax.gramian import combine, pow2_scale, scaled_gramian
 
 PyTree = Any
 
@@ -37,7 +37,12 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl_weights(
-    g: jax.Array, alpha0: jax.Array, *, optim_niter: int = 20, tol: float = 1e-5
+    g: jax.Array,
+    alpha0: jax.Array,
+    *,
+    optim_niter: int = 20,
+    tol: float = 1e-5,
+    log2_scale: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Solves :math:`G\alpha = 1/\alpha` for the Gramian ``g``, warm-started at ``alpha0``.
 
@@ -47,14 +52,22 @@ def nash_mtl_weights(
     Returns ``(alpha, residual)`` with the residual measured on :math:`\hat G`
     (the equation is scale-free: :math:`\alpha_i (G\alpha)_i = \hat\alpha_i (\hat G\hat\alpha)_i`).
     An all-zero Gramian returns ``alpha0`` unchanged.
+
+    :math:`\alpha` is in inverse gradient units (it scales as :math:`1/\sqrt c`
+    when :math:`G` scales as :math:`c`). For a scaled Gramian ``g``
+    :math:`= 2^{-t} G` (:func:`~samgs_optax.gramian.scaled_gramian`, :math:`t`
+    even) pass ``log2_scale`` :math:`= t`: ``alpha0`` and the result are then
+    those of the true :math:`G`, :math:`\alpha = 2^{-t/2} \alpha_{\hat G}`.
     """
+    half = jnp.asarray(log2_scale, jnp.int32) // 2
     big = jnp.max(jnp.abs(g))
     big = jnp.where(big > 0, big, 1)
     norm = big * jnp.sqrt(jnp.sum(jnp.square(g / big)))  # ||G||_F without overflow
     zero = ~(norm > 0)
     safe = jnp.where(zero, 1, norm)
-    alpha_hat, res = bargaining(g / safe, alpha0 * jnp.sqrt(safe), max_iter=optim_niter, tol=tol)
-    alpha = jnp.where(zero, alpha0, alpha_hat / jnp.sqrt(safe))
+    start = pow2_scale(alpha0, half) * jnp.sqrt(safe)
+    alpha_hat, res = bargaining(g / safe, start, max_iter=optim_niter, tol=tol)
+    alpha = jnp.where(zero, alpha0, pow2_scale(alpha_hat / jnp.sqrt(safe), -half))
     return alpha, jnp.where(zero, jnp.inf, res)
 
 
@@ -86,6 +99,13 @@ def nash_mtl(
     with at most ``optim_niter`` Newton steps (about 10 reach float32
     precision from a cold start), stopping once
     :math:`\max_i |\alpha_i (G\alpha)_i - 1| \le` ``tol``.
+
+    Scale: for gradients :math:`c J`, :math:`\alpha` scales as :math:`1/c`, so the
+    unclipped update :math:`J^\top\alpha` (of norm :math:`\sqrt K`) does not
+    depend on :math:`c`, and the clip compares the true norm with ``max_norm``.
+    The Gramian comes from :func:`~samgs_optax.gramian.scaled_gramian`, so this
+    holds also when :math:`G` would under- or overflow in float32; ``state.alpha``
+    is in the true units (as long as :math:`1/\|g_k\|` is representable).
 
     Args:
       num_tasks: K >= 2.
@@ -132,14 +152,18 @@ def nash_mtl(
         del params
         shared, heads = split(updates, state.shared, num_tasks)
         scalar = state.alpha.dtype
-        g = gramian(shared, scalar)
+        g, log2_scale = scaled_gramian(shared, scalar)  # G = 2^t g
+        half = log2_scale // 2
         solve = state.count % update_weights_every == 0
         alpha, res = jax.lax.cond(
             solve,
-            lambda: nash_mtl_weights(g, state.alpha, optim_niter=optim_niter, tol=tol),
-            lambda: (state.alpha, bargaining_residual(g, state.alpha)),
+            lambda: nash_mtl_weights(
+                g, state.alpha, optim_niter=optim_niter, tol=tol, log2_scale=log2_scale
+            ),
+            lambda: (state.alpha, bargaining_residual(g, pow2_scale(state.alpha, half))),
         )
-        norm = jnp.sqrt(jnp.maximum(alpha @ g @ alpha, 0))  # ||J^T alpha||
+        beta = pow2_scale(alpha, half)  # alpha in units of g: alpha' G alpha = beta' g beta
+        norm = jnp.sqrt(jnp.maximum(beta @ g @ beta, 0))  # ||J^T alpha||
         clip = (max_norm > 0) & (norm > max_norm)
         weights = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1)), alpha)
         out = merge(combine(shared, weights), heads)

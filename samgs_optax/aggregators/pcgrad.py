@@ -11,7 +11,7 @@ import optax
 
 from samgs_optax import _validation
 from samgs_optax._layout import Mask, merge, resolve_layout, split
-from samgs_optax.gramian import combine, gramian
+from samgs_optax.gramian import combine, scaled_gramian
 
 PyTree = Any
 
@@ -25,6 +25,7 @@ def pcgrad_weights(g: jax.Array, perms: jax.Array) -> jax.Array:
     \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j` (always against the original
     :math:`g_j`). The update is :math:`\sum_i g_i^{PC} = J^\top w`; this tracks
     the coefficients :math:`w` on the Gramian, as TorchJD's ``PCGradWeighting``.
+    They are invariant to the scale of :math:`G` (ratios of its entries only).
 
     Args:
       g: (K, K) Gramian.
@@ -105,7 +106,8 @@ def pcgrad(
         keys = jax.random.split(draw, num_tasks)
         perms = jax.vmap(lambda kk: jax.random.permutation(kk, num_tasks))(keys)
         scalar = state.weights.dtype
-        weights = pcgrad_weights(gramian(shared, scalar), perms).astype(scalar)
+        g_hat, _ = scaled_gramian(shared, scalar)  # the weights are scale-invariant
+        weights = pcgrad_weights(g_hat, perms).astype(scalar)
         out = merge(combine(shared, weights), heads)
         return out, PCGradState(shared=state.shared, weights=weights, key=next_key)
 

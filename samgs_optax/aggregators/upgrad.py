@@ -12,7 +12,11 @@ from samgs_optax.gramian import Mask, gramian_weighting, normalize_gramian, regu
 
 
 def upgrad_weights(
-    g: jax.Array, *, norm_eps: float | jax.Array = 1e-4, reg_eps: float | jax.Array = 1e-4
+    g: jax.Array,
+    *,
+    norm_eps: float | jax.Array = 1e-4,
+    reg_eps: float | jax.Array = 1e-4,
+    log2_scale: jax.Array | int = 0,
 ) -> jax.Array:
     r"""UPGrad weights :math:`w = \sum_i \arg\min_{v \ge e_i/K} v^\top \tilde G v`.
 
@@ -20,9 +24,14 @@ def upgrad_weights(
     :math:`\epsilon_r I` when :math:`\operatorname{tr} G < \epsilon_n`), exactly
     as TorchJD's default ``QuadprogProjector``; each projection is an exact
     NNLS solve (:func:`~samgs_optax.aggregators._solvers.nnls_gram`).
+
+    The weights depend on the scale of :math:`G` only through the absolute
+    test :math:`\operatorname{tr} G < \epsilon_n`; for a scaled Gramian
+    ``g`` :math:`= 2^{-t} G` (:func:`~samgs_optax.gramian.scaled_gramian`) pass
+    ``log2_scale`` :math:`= t` and the test is made on the true trace.
     """
     k = g.shape[0]
-    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps), reg_eps)
+    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps, log2_scale), reg_eps)
     rows = jnp.eye(k, dtype=g.dtype) / k
     return jnp.sum(jax.vmap(lambda u: project_dual_cone(g_tilde, u))(rows), axis=0)
 
@@ -46,7 +55,9 @@ def upgrad(
     Args:
       num_tasks: K >= 2.
       norm_eps: the Gramian is divided by its trace unless the trace is below
-        this (absolute) value, in which case it is replaced by zeros (TorchJD default 1e-4).
+        this (absolute) value, in which case it is replaced by zeros and the
+        update is the mean gradient (TorchJD default 1e-4). The trace is the
+        true :math:`\sum_k \|g_k\|^2`, also when it under- or overflows float32.
       reg_eps: added to the normalised Gramian's diagonal (TorchJD default 1e-4).
       mask: shared-leaf mask, as in :func:`samgs_optax.samgs`.
 
@@ -57,5 +68,8 @@ def upgrad(
     _validation.check_interval("norm_eps", norm_eps, 0.0, float("inf"), closed_high=True)
     _validation.check_interval("reg_eps", reg_eps, 0.0, float("inf"), closed_high=True)
     return gramian_weighting(
-        num_tasks, lambda g: upgrad_weights(g, norm_eps=norm_eps, reg_eps=reg_eps), mask=mask
+        num_tasks,
+        lambda g, t: upgrad_weights(g, norm_eps=norm_eps, reg_eps=reg_eps, log2_scale=t),
+        mask=mask,
+        with_scale=True,
     )

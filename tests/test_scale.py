@@ -1,0 +1,325 @@
+"""Scale: every aggregator on c * J for c far outside float32's comfortable range.
+
+The Gramian's entries are squares of the gradients' scale, so for c = 1e-20 it
+underflows in float32 (to zero on CPU) and for c = 1e20 it overflows; the
+aggregators use :func:`samgs_optax.gramian.scaled_gramian` to solve on an exactly
+rescaled copy. References are independent: NumPy float64 Gramians, traces and
+norms, and the same aggregator on the unscaled (normal-range) J.
+
+Expected scale behaviour, by method (``u(J)`` the update for J):
+- ``linear_scalarization``, ``graddrop``, ``pcgrad``, ``mgda``, ``imtl_g``,
+  ``aligned_mtl``: homogeneous, ``u(cJ) = c u(J)``;
+- ``upgrad``, ``dualproj``: ``c u(J)`` unless the true trace ``c^2 tr(JJ^T)`` is
+  below ``norm_eps`` (then the mean gradient); ``cagrad``: then 0;
+- ``nash_mtl``: ``u(cJ) = u(J)`` (alpha scales as 1/c);
+- ``samgs``: Psi is scale-free, the equalisation branch is homogeneous; see
+  ``test_samgs_equalised_scale`` for what its per-task norms cover.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import samgs_optax
+from samgs_optax.gramian import gramian, gramian_range, pow2_scale, scaled_gramian
+from samgs_optax.similarity import task_norms
+
+K, D = 3, 30
+SCALES = (1e-20, 1e-30, 1e17, 1e20)
+HOMOGENEOUS = ("linear_scalarization", "graddrop", "pcgrad", "mgda", "imtl_g", "aligned_mtl")
+TRACE_EPS = ("upgrad", "dualproj", "cagrad")
+
+
+def _jacobian(seed: int = 0, k: int = K, d: int = D) -> np.ndarray:
+    """(k, d) float32, rows pulled against row 0 (conflicts), norms over two decades."""
+    rng = np.random.default_rng(seed)
+    j = rng.normal(size=(k, d))
+    j[1:] -= rng.uniform(0, 2, size=(k - 1, 1)) * j[:1]
+    j *= 10 ** rng.uniform(-1, 1, size=(k, 1))
+    return j.astype(np.float32)
+
+
+def _scaled(j: np.ndarray, c: float) -> np.ndarray:
+    return (j.astype(np.float64) * c).astype(np.float32)
+
+
+def _tree(j: np.ndarray) -> dict:
+    """Splits the columns into a pytree of leaves of different shapes."""
+    k = j.shape[0]
+    return {"a": jnp.asarray(j[:, :12].reshape(k, 4, 3)), "b": {"c": jnp.asarray(j[:, 12:])}}
+
+
+def _flat(tree) -> np.ndarray:
+    leaves = jax.tree.leaves(tree)
+    return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in leaves])
+
+
+def _true_trace(j: np.ndarray) -> float:
+    j = j.astype(np.float64)
+    return float(np.sum(j * j))
+
+
+@functools.cache
+def _step(name: str, **options):
+    """One jitted update from a fresh state: (update, state) for a (K, D) Jacobian."""
+    tx = samgs_optax.AGGREGATORS[name](K, **options)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
+
+    @jax.jit
+    def run(tree):
+        return tx.update(tree, tx.init(params), params)
+
+    return lambda j: run(_tree(j))
+
+
+@functools.cache
+def _with_traced_eps(name: str):
+    """The update for two values of norm_eps (traced: one compile), from a fresh state."""
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
+
+    def one(tree, eps):
+        tx = samgs_optax.AGGREGATORS[name](K, norm_eps=eps)
+        return tx.update(tree, tx.init(params), params)[0]
+
+    @jax.jit
+    def run(tree, eps_a, eps_b):
+        return one(tree, eps_a), one(tree, eps_b)
+
+    return run
+
+
+def _assert_close(got, want, rtol, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got)), what
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= rtol, (what, err)
+
+
+# --------------------------------------------------------------------------------------
+# The Gramian.
+
+
+@pytest.mark.parametrize("c", (1.0, *SCALES, 1e-33, 1e35))
+def test_scaled_gramian_matches_float64(c):
+    """2^t G_hat equals the float64 Gramian of the float32 input, t even, G_hat in range."""
+    j = _scaled(_jacobian(1), c)
+    # Entries below float32's smallest normal number are flushed on CPU: not tested.
+    assert np.abs(j).min() >= np.finfo(np.float32).tiny
+    g_hat, t = jax.jit(scaled_gramian)(_tree(j))
+    g_hat, t = np.asarray(g_hat, np.float64), int(t)
+    want = j.astype(np.float64) @ j.T.astype(np.float64)
+    assert t % 2 == 0
+    assert np.all(np.isfinite(g_hat))
+    np.testing.assert_allclose(g_hat * 2.0**t, want, rtol=0, atol=1e-6 * np.diag(want).max())
+    lo, hi = gramian_range(D)
+    assert lo <= np.diag(g_hat).max() <= hi
+    if c == 1.0:  # in range: untouched, bit for bit
+        assert t == 0
+        np.testing.assert_array_equal(g_hat, np.asarray(gramian(_tree(j)), np.float64))
+    else:
+        assert t != 0
+
+
+def test_scaled_gramian_window_edges():
+    """Just inside the window the plain Gramian is kept (t = 0); just outside it is rescaled."""
+    lo, hi = gramian_range(D)
+    j = np.zeros((2, D), np.float32)
+    j[1, 0] = 1.0  # row 0 is zero: max diag = the square of one entry
+    for top, inside in ((lo, True), (lo / 4, False), (hi, True), (hi * 4, False)):
+        j[1, 0] = np.float32(np.sqrt(top))
+        g_hat, t = jax.jit(scaled_gramian)({"w": jnp.asarray(j)})
+        assert (int(t) == 0) == inside, (top, int(t))
+        np.testing.assert_allclose(float(g_hat[1, 1]) * 2.0 ** int(t), top, rtol=1e-6)
+
+
+def test_scaled_gramian_zero_and_nonfinite():
+    z, t = jax.jit(scaled_gramian)({"w": jnp.zeros((2, 5))})
+    np.testing.assert_array_equal(z, 0)
+    assert int(t) == 0
+    bad = jnp.asarray([[1.0, jnp.nan], [1.0, 2.0]])
+    g_hat, _ = jax.jit(scaled_gramian)({"w": bad})
+    assert not np.all(np.isfinite(np.asarray(g_hat)))  # garbage in stays visible
+
+
+def test_scaled_gramian_under_vmap_is_the_same():
+    """Under vmap the cond is a select (both branches run): same values as one by one."""
+    js = np.stack([_scaled(_jacobian(2), c) for c in (1.0, *SCALES)])
+    g_b, t_b = jax.jit(jax.vmap(lambda w: scaled_gramian({"w": w})))(jnp.asarray(js))
+    for i, j in enumerate(js):
+        g_1, t_1 = jax.jit(scaled_gramian)({"w": jnp.asarray(j)})
+        np.testing.assert_array_equal(g_b[i], g_1)
+        assert int(t_b[i]) == int(t_1)
+
+
+def test_pow2_scale():
+    x = jnp.asarray([1e-4, 3.0, 1.5e-38], jnp.float32)
+    for n in (0, 1, -1, 60, -60, 126):
+        got = np.asarray(pow2_scale(x, n), np.float64)
+        want = np.asarray(x, np.float64) * 2.0**n
+        fine = (np.abs(want) >= np.finfo(np.float32).tiny) & (np.abs(want) < 3e38)
+        np.testing.assert_array_equal(got[fine], want[fine])
+    assert float(pow2_scale(jnp.float32(1e-4), 140)) == pytest.approx(1e-4 * 2.0**140, rel=1e-7)
+    assert float(pow2_scale(jnp.float32(1e-4), 300)) == np.inf  # saturates, no NaN
+    assert float(pow2_scale(jnp.float32(1e-4), -300)) == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Every aggregator.
+
+
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("name", HOMOGENEOUS)
+def test_homogeneous_methods(name, c):
+    j = _jacobian()
+    step = _step(name)
+    want = c * _flat(step(j)[0])
+    _assert_close(_flat(step(_scaled(j, c))[0]), want, 1e-5, (name, c))
+
+
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("name", TRACE_EPS)
+def test_trace_threshold_methods_default_eps(name, c):
+    """Default norm_eps = 1e-4 against the true trace: tiny scales are 'small', huge are not."""
+    j = _jacobian()
+    jc = _scaled(j, c)
+    step = _step(name)
+    got = _flat(step(jc)[0])
+    if _true_trace(jc) < 1e-4:
+        if name == "cagrad":
+            np.testing.assert_array_equal(got, 0)
+        else:  # the mean gradient
+            _assert_close(got, jc.astype(np.float64).mean(axis=0), 1e-6, (name, c))
+    else:
+        _assert_close(got, c * _flat(step(j)[0]), 1e-5, (name, c))
+
+
+@pytest.mark.parametrize("c", (1e-17, 1e17))
+@pytest.mark.parametrize("name", TRACE_EPS)
+def test_trace_threshold_at_extreme_scale(name, c):
+    """norm_eps at half and twice the true (float64) trace, with the Gramian out of range."""
+    j = _jacobian()
+    jc = _scaled(j, c)
+    trace = _true_trace(jc)
+    g = jc.astype(np.float64) @ jc.T.astype(np.float64)
+    lo, hi = gramian_range(D)
+    assert not lo <= np.diag(g).max() <= hi  # the rescaled path is the one under test
+    above, below = (_flat(u) for u in _with_traced_eps(name)(_tree(jc), 0.5 * trace, 2.0 * trace))
+    if name == "cagrad" and trace > 1:
+        # CAGrad's norm_eps also bounds the dual norm on G / tr G (at most 1): always 0.
+        np.testing.assert_array_equal(above, 0)
+    else:
+        _assert_close(above, c * _flat(_step(name)(j)[0]), 1e-5, (name, c))
+    if name == "cagrad":
+        np.testing.assert_array_equal(below, 0)
+    else:
+        _assert_close(below, jc.astype(np.float64).mean(axis=0), 1e-6, (name, c))
+
+
+@pytest.mark.parametrize("c", SCALES)
+def test_nash_mtl_scale(c):
+    """alpha scales as 1/c and satisfies G alpha = 1/alpha on the float64 Gramian of c J."""
+    j = _jacobian()
+    jc = _scaled(j, c)
+    g = jc.astype(np.float64) @ jc.T.astype(np.float64)
+    for max_norm in (0.0, 1.0):
+        step = _step("nash_mtl", max_norm=max_norm)
+        u, state = step(j)
+        u_c, state_c = step(jc)
+        alpha = np.asarray(state_c.alpha, np.float64)
+        assert np.abs(alpha * (g @ alpha) - 1).max() <= 1e-4, (c, max_norm)
+        _assert_close(c * alpha, state.alpha, 1e-4, (c, max_norm))
+        _assert_close(_flat(u_c), _flat(u), 1e-4, (c, max_norm))
+        norm = np.linalg.norm(_flat(u_c))
+        assert norm == pytest.approx(np.sqrt(K) if max_norm == 0 else max_norm, rel=1e-4)
+
+
+def test_nash_mtl_reuses_alpha_across_scales():
+    """update_weights_every=2: alpha solved at scale 1e-20 is reused (true units) at 1e-19."""
+    nash = samgs_optax.nash_mtl(K, update_weights_every=2, max_norm=0.0)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
+    update = jax.jit(nash.update)
+    j1, j2 = _scaled(_jacobian(3), 1e-20), _scaled(_jacobian(4), 1e-19)
+    _, state = update(_tree(j1), nash.init(params), params)
+    u2, state2 = update(_tree(j2), state, params)
+    alpha = np.asarray(state.alpha, np.float64)
+    g1 = j1.astype(np.float64) @ j1.T.astype(np.float64)
+    assert np.abs(alpha * (g1 @ alpha) - 1).max() <= 1e-4
+    np.testing.assert_array_equal(np.asarray(state2.alpha), np.asarray(state.alpha))
+    _assert_close(_flat(u2), alpha @ j2.astype(np.float64), 1e-5, "reused alpha")
+    # The diagnostic residual of the reused alpha, on the second Gramian.
+    g2 = j2.astype(np.float64) @ j2.T.astype(np.float64)
+    want = np.abs(alpha * (g2 @ alpha) - 1).max()
+    assert float(state2.residual) == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "c",
+    [
+        1e17,
+        pytest.param(1e-20, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
+        pytest.param(1e-30, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
+        pytest.param(1e20, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
+    ],
+)
+def test_samgs_equalised_scale(c):
+    """Equalisation branch (gamma = 1): u(cJ) = c u(J).
+
+    ``samgs`` computes its norms with ``task_norms(g)`` (no ``rescale``), so a
+    squared norm outside float32 (c = 1e-20, 1e-30: zero norms, Psi = 1;
+    c = 1e20: inf norms, NaN) changes the result; documented in the README.
+    ``task_norms(..., rescale=True)`` fixes that (tested below); the xfails
+    turn into failures (strict) once ``samgs`` uses it.
+    """
+    j = _jacobian()
+    step = _step("samgs", gamma=1.0)
+    u, state = step(j)
+    assert bool(state.equalised)
+    u_c, state_c = step(_scaled(j, c))
+    assert bool(state_c.equalised)
+    _assert_close(_flat(u_c), c * _flat(u), 1e-5, c)
+
+
+def test_every_aggregator_is_covered():
+    covered = {*HOMOGENEOUS, *TRACE_EPS, "nash_mtl", "samgs"}
+    assert covered == set(samgs_optax.AGGREGATORS)
+
+
+# --------------------------------------------------------------------------------------
+# Per-task norms.
+
+
+@pytest.mark.parametrize("c", (1.0, *SCALES))
+def test_task_norms_rescaled_match_float64(c):
+    """rescale=True: per-task norms exact over ~70 decades, including a zero task."""
+    j = _jacobian(5, k=5)
+    j[3] = 0
+    spread = np.array([1.0, 1e-25, 1e18, 1.0, 1e-12])
+    jc = (j.astype(np.float64) * spread[:, None] * c).astype(np.float32)
+    want = np.linalg.norm(jc.astype(np.float64), axis=1)
+    got = np.asarray(jax.jit(lambda t: task_norms(t, rescale=True))(_tree(jc)), np.float64)
+    plain = np.asarray(jax.jit(task_norms)(_tree(jc)), np.float64)
+    # Tasks with entries below float32's smallest normal number are flushed on CPU
+    # (not tested); the others, zero or not, are.
+    normal = np.all((jc == 0) | (np.abs(jc) >= np.finfo(np.float32).tiny), axis=1)
+    got, want, plain = got[normal], want[normal], plain[normal]
+    assert len(want) >= 3
+    representable = want < np.finfo(np.float32).max
+    np.testing.assert_allclose(got[representable], want[representable], rtol=1e-6)
+    assert np.all(np.isinf(got[~representable]))
+    # Tasks in range are bit-identical to the plain norms.
+    lo, hi = gramian_range(D)
+    fine = (want**2 >= lo * 1.01) & (want**2 <= hi * 0.99)
+    np.testing.assert_array_equal(got[fine], plain[fine])
+
+
+def test_task_norms_rescaled_similarity_is_scale_free():
+    j = _jacobian(6, k=4)
+    similarity = jax.jit(lambda t: samgs_optax.magnitude_similarity(task_norms(t, rescale=True)))
+    psi = [np.asarray(similarity(_tree(_scaled(j, c)))) for c in (1.0, *SCALES)]
+    for p in psi[1:]:
+        np.testing.assert_allclose(p, psi[0], rtol=1e-5)
