@@ -188,7 +188,7 @@ def _face_point(
     p = _masked_solve(g_mat, ones, face)
     q = _masked_solve(g_mat, b, face)
     gp, gq = _mv(g_mat, p), _mv(g_mat, q)
-    a2, b2, c2 = p @ gp, p @ gq, q @ gq
+    a2, b2, c2 = _mv(p, gp), _mv(p, gq), _mv(q, gq)
     disc = jnp.maximum(b2 * b2 - a2 * (c2 - radius * radius), 0)
     lam = (b2 + jnp.sqrt(disc)) / jnp.where(a2 > 0, a2, 1)
     return p, q, lam, lam * p - q
@@ -236,7 +236,7 @@ def cagrad_path(
     cap = 4 * k + 10 if max_iter is None else max_iter
     e = jnp.full([k], 1.0 / k, dtype)
     b = _mv(g_mat, e)
-    radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(e @ b, 0))
+    radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(_mv(e, b), 0))
     ridge = jnp.finfo(dtype).eps * jnp.maximum(jnp.trace(g_mat), jnp.finfo(dtype).tiny)
     g_reg = g_mat + ridge * jnp.eye(k, dtype=dtype)
     idx = jnp.arange(k, dtype=jnp.int32)
@@ -314,11 +314,11 @@ def bargaining(
     dtype = g_mat.dtype
 
     def objective(alpha):
-        return 0.5 * alpha @ _mv(g_mat, alpha) - jnp.sum(jnp.log(alpha))
+        return 0.5 * _mv(alpha, _mv(g_mat, alpha)) - jnp.sum(jnp.log(alpha))
 
     def on_ray(alpha):
         alpha = jnp.where(jnp.isfinite(alpha) & (alpha > 0), alpha, 1).astype(dtype)
-        quad = alpha @ _mv(g_mat, alpha)
+        quad = _mv(alpha, _mv(g_mat, alpha))
         return alpha * jnp.where(quad > 0, jnp.sqrt(k / jnp.where(quad > 0, quad, 1)), 1)
 
     diag = jnp.diagonal(g_mat)
@@ -336,7 +336,7 @@ def bargaining(
         grad = _mv(g_mat, alpha) - 1 / alpha
         hess = g_mat + jnp.diag(1 / (alpha * alpha))
         step = -jnp.linalg.solve(hess, grad)
-        decrement = jnp.sqrt(jnp.maximum(-(grad @ step), 0))
+        decrement = jnp.sqrt(jnp.maximum(-_mv(grad, step), 0))
         to_boundary = jnp.min(jnp.where(step < 0, -alpha / jnp.where(step < 0, step, -1), jnp.inf))
         longest = jnp.minimum(1.0, 0.99 * to_boundary)
         sizes = jnp.concatenate([(1 / (1 + decrement))[None], longest * fractions])

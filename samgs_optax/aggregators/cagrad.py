@@ -39,9 +39,10 @@ def cagrad_weights(
     y, _ = cagrad_path(g_n, c)
     e = jnp.full([k], 1.0 / k, g.dtype)
     total = jnp.sum(y)
-    vertex = (jnp.arange(k) == jnp.argmin(g_n @ e)).astype(g.dtype)
+    hp = jax.lax.Precision.HIGHEST
+    vertex = (jnp.arange(k) == jnp.argmin(jnp.matmul(g_n, e, precision=hp))).astype(g.dtype)
     w = jnp.where(total > 0, y / jnp.where(total > 0, total, 1), vertex)
-    rho = jnp.sqrt(jnp.maximum(w @ g_n @ w, 0))
+    rho = jnp.sqrt(jnp.maximum(jnp.matmul(w, jnp.matmul(g_n, w, precision=hp), precision=hp), 0))
     weights = jnp.where(rho >= norm_eps, e + y, 0)
     if rescale == 1:
         weights = weights / (1 + jnp.asarray(c, g.dtype) ** 2)

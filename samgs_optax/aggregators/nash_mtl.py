@@ -15,6 +15,7 @@ from samgs_optax.aggregators._solvers import bargaining, bargaining_residual
 from samgs_optax.gramian import combine, pow2_scale, scaled_gramian
 
 PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class NashMTLState(NamedTuple):
@@ -163,7 +164,8 @@ def nash_mtl(
             lambda: (state.alpha, bargaining_residual(g, pow2_scale(state.alpha, half))),
         )
         beta = pow2_scale(alpha, half)  # alpha in units of g: alpha' G alpha = beta' g beta
-        norm = jnp.sqrt(jnp.maximum(beta @ g @ beta, 0))  # ||J^T alpha||
+        quad = jnp.matmul(beta, jnp.matmul(g, beta, precision=_HIGHEST), precision=_HIGHEST)
+        norm = jnp.sqrt(jnp.maximum(quad, 0))  # ||J^T alpha||
         clip = (max_norm > 0) & (norm > max_norm)
         weights = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1)), alpha)
         out = merge(combine(shared, weights), heads)

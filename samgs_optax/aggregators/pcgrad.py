@@ -36,7 +36,7 @@ def pcgrad_weights(g: jax.Array, perms: jax.Array) -> jax.Array:
     def one(i, perm):
         def step(t, coeffs):
             j = perm[t]
-            inner = g[j] @ coeffs
+            inner = jnp.matmul(g[j], coeffs, precision=jax.lax.Precision.HIGHEST)
             project = (j != i) & (inner < 0)
             diag = g[j, j]
             delta = jnp.where(project, -inner / jnp.where(diag > 0, diag, 1), 0)
