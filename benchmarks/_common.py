@@ -205,6 +205,18 @@ def copy_floor(times: dict[str, np.ndarray], prefix: str = "") -> np.ndarray:
     return np.min(np.stack(present), axis=0)
 
 
+def xla_step_bytes(compiled) -> int:
+    """Bytes XLA assigns for one call of a compiled function (``memory_analysis()``):
+    arguments + outputs - donated aliases + temporaries."""
+    mem = compiled.memory_analysis()
+    return (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+
+
 def median_ratio(num: np.ndarray, den: np.ndarray) -> float:
     """Median over rounds of the per-round ratio num/den."""
     return float(np.median(num / den))

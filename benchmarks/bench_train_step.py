@@ -124,12 +124,7 @@ def child(cfg: dict) -> dict:
     compiled = step.lower(params, opt_state, *batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    xla_bytes = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
+    xla_bytes = _common.xla_step_bytes(compiled)
     times = []
     for i in range(cfg["steps"] + 2):
         t0 = time.perf_counter()

@@ -185,6 +185,9 @@ def jax_child(cfg: dict) -> dict:
 
     import samgs_optax
 
+    sys.path.insert(0, str(HERE))
+    import _common
+
     k, batch = cfg["k"], cfg["batch"]
 
     class Mlp(nnx.Module):
@@ -263,13 +266,7 @@ def jax_child(cfg: dict) -> dict:
 
     def timed(fn, *args, donate=()):
         compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-        mem = compiled.memory_analysis()
-        mib = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes
-        ) / 2**20
+        mib = _common.xla_step_bytes(compiled) / 2**20
         times = []
         for i in range(cfg["steps"] + 2):
             t0 = time.perf_counter()
