@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -222,7 +223,11 @@ def median_ratio(num: np.ndarray, den: np.ndarray) -> float:
     return float(np.median(num / den))
 
 
-def hlo_traffic_bytes(hlo_text: str) -> int:
+Branches = Literal["common", "worst"]
+"""How :func:`hlo_traffic_bytes` counts a ``conditional``: its cheapest or its dearest branch."""
+
+
+def hlo_traffic_bytes(hlo_text: str, branches: Branches = "common") -> int:
     """Bytes the compiled program's ops read and write, each operand counted once per op.
 
     Sums, over every instruction of the ENTRY computation that does work (fusions,
@@ -231,13 +236,25 @@ def hlo_traffic_bytes(hlo_text: str) -> int:
     computation only slices counts as the slices it reads; a ``while`` loop counts its
     body times its known trip count. For a memory-bound program this is the traffic
     XLA scheduled, to set beside the algorithm's minimum.
+
+    A ``conditional`` runs one of its branches, which receive the operands by
+    reference: it counts as the traffic of the ops inside one branch (recursively, so
+    a cond nested in a branch counts one of its own branches), never as its operands
+    or result. ``branches="common"`` (default) takes the cheapest branch: the path that
+    runs in the common case of the library's range fallbacks (e.g.
+    ``task_norms(rescale=True)``, whose dearer branch runs only when a squared norm
+    under- or overflows float32). ``branches="worst"`` takes the dearest branch: an
+    upper bound whatever the predicate. A program whose common case is not its
+    cheapest branch needs ``"worst"``; the counter cannot tell predicates apart.
     """
     comps, entry = _parse_hlo(hlo_text)
-    return _traffic(comps, entry)
+    pick = {"common": min, "worst": max}[branches]
+    return _traffic(comps, entry, pick)
 
 
 _SKIP = {"parameter", "constant", "tuple", "bitcast", "get-tuple-element"}
 _INSTR = re.compile(r"\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\(([^)]*)\)(.*)$")
+_NAME = r"%([\w.\-]+)"
 
 
 def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], str]:
@@ -259,7 +276,18 @@ def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], str]:
     return comps, entry
 
 
-def _traffic(comps: dict[str, list[tuple]], comp: str) -> int:
+def _branch_names(attrs: str) -> list[str]:
+    """The computations a ``conditional`` may run (indexed or true/false form)."""
+    listed = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+    if listed:
+        return re.findall(_NAME, listed.group(1))
+    return [
+        re.search(rf"{key}={_NAME}", attrs).group(1)
+        for key in ("true_computation", "false_computation")
+    ]
+
+
+def _traffic(comps: dict[str, list[tuple]], comp: str, pick: Callable) -> int:
     sizes: dict[str, int] = {}
     total = 0
     for name, size, opcode, operands, attrs in comps[comp]:
@@ -267,11 +295,14 @@ def _traffic(comps: dict[str, list[tuple]], comp: str) -> int:
         if opcode in _SKIP:
             continue
         if opcode == "while":
-            body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
+            body = re.search(rf"body={_NAME}", attrs).group(1)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-            total += (int(trips.group(1)) if trips else 1) * _traffic(comps, body)
+            total += (int(trips.group(1)) if trips else 1) * _traffic(comps, body, pick)
             continue
-        called = re.search(r"calls=%([\w.\-]+)", attrs)
+        if opcode == "conditional":
+            total += pick(_traffic(comps, b, pick) for b in _branch_names(attrs))
+            continue
+        called = re.search(rf"calls={_NAME}", attrs)
         reads = 0
         seen: set[str] = set()
         for i, op in enumerate(operands):

@@ -88,7 +88,20 @@ def samgs(
                   optax.adam(1e-3))
 
     Both branches are computed in one fused pass and selected arithmetically,
-    so there is no Python or ``lax.cond`` control flow on traced values.
+    so there is no Python or ``lax.cond`` control flow on the branch.
+
+    Range: the norms are :func:`~samgs_optax.similarity.task_norms` with
+    ``rescale=True``, exact to rounding for any representable norm, so
+    :math:`\Psi`, :math:`h` and the branch do not depend on the gradients'
+    scale (float32 gradients from ~1e-30 to ~1e20 times a unit Jacobian are
+    tested). A task whose plain sum of squares under- or overflows is
+    recomputed inside a ``lax.cond`` that costs nothing in the common case
+    (one pass over g for the norms, then the fused moments-and-output pass)
+    and two more reads of g when it runs (under ``jax.vmap`` the cond becomes
+    a select and both sides run). The equalisation branch is homogeneous of
+    degree 1 in the gradients' scale and the momentum branch of degree 2: its
+    update overflows (or underflows) float32 when the square of the scale
+    does, e.g. for gradients ~1e20, while the state stays finite.
 
     Args:
       num_tasks: K >= 2, the length of the leading axis of every gradient leaf.
@@ -151,7 +164,7 @@ def samgs(
         scalar = state.h.dtype
 
         count = optax.safe_increment(state.count)  # t <- t + 1
-        norms = task_norms(g, scalar)  # n_k = ||g_k||_2 over every shared leaf
+        norms = task_norms(g, scalar, rescale=True)  # n_k = ||g_k||_2 over every shared leaf
         psi_mean, psi_min = magnitude_similarity(norms)  # Psi = mean_{i<j} psi_ij
         m = jax.tree.map(lambda gl, ml: _ema(gl, ml, b1), g, state.m)  # m_k <- b1 m_k + (1-b1) g_k
         h = b2 * state.h + (1 - b2) * (1 - psi_mean) ** 2 + eps  # h <- b2 h + ... + eps

@@ -43,18 +43,61 @@ def test_traffic_of_a_reduction():
     assert _traffic(lambda g: jnp.sum(g * g, axis=1), g) == 3 * N * F32 + 3 * F32
 
 
-@pytest.mark.parametrize("k", [2, 3, 10])
-def test_samgs_step_makes_three_passes(k):
-    """norms (read g), moments (read g, m; write m), output (read g, m; write u)."""
-    d = 1 << 16
+def test_traffic_of_a_conditional():
+    """A cond counts one branch's ops: the cheaper by default, the dearer as "worst"."""
+    x = jnp.ones(N)
+
+    def fn(p, x, y):
+        return jax.lax.cond(p, lambda: x * 2, lambda: x * y + 1.0)
+
+    hlo = jax.jit(fn).lower(True, x, x + 1).compile().as_text()
+    assert "conditional(" in hlo
+    small = 64  # the predicate's conversion to a branch index
+    common = _common.hlo_traffic_bytes(hlo)
+    worst = _common.hlo_traffic_bytes(hlo, "worst")
+    assert 2 * N * F32 <= common <= 2 * N * F32 + small
+    assert 3 * N * F32 <= worst <= 3 * N * F32 + small
+
+
+def _samgs_step_hlo(k: int, d: int, extra_pass: bool = False) -> str:
     params = {"w": jnp.zeros((d,))}
     tx = samgs_optax.samgs(k)
     g = {"w": jnp.ones((k, d))}
-    hlo = jax.jit(tx.update, donate_argnums=(1,)).lower(g, tx.init(params)).compile().as_text()
+
+    def step(g, state):
+        u, state = tx.update(g, state)
+        if extra_pass:  # what the test below must catch: one more read of g
+            return u, state, jnp.max(jnp.abs(g["w"]), axis=1)
+        return u, state
+
+    return jax.jit(step, donate_argnums=(1,)).lower(g, tx.init(params)).compile().as_text()
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_samgs_step_makes_three_passes(k):
+    """norms (read g), moments (read g, m; write m), output (read g, m; write u).
+
+    The norms' range fallback (``task_norms(rescale=True)``) is a ``lax.cond``
+    whose common branch only passes the norms through; its other branch (a
+    squared norm under- or overflowed) reads g twice more: one pass for the
+    per-task maxima, one for the rescaled sums of squares.
+    """
+    d = 1 << 16
+    hlo = _samgs_step_hlo(k, d)
     algorithm_floor = (4 * k * d + d) * F32  # g read twice: the norms precede any output
     three_passes = (6 * k * d + d) * F32
     traffic = _common.hlo_traffic_bytes(hlo)
     assert algorithm_floor <= traffic <= 1.01 * three_passes, traffic / three_passes
+    worst = _common.hlo_traffic_bytes(hlo, "worst")
+    fallback = three_passes + 2 * k * d * F32
+    assert fallback <= worst <= 1.01 * fallback, worst / fallback
+
+
+def test_samgs_step_makes_three_passes_catches_an_extra_pass():
+    """The bound above fails for a step that reads g once more (the test can fail)."""
+    k, d = 2, 1 << 16
+    traffic = _common.hlo_traffic_bytes(_samgs_step_hlo(k, d, extra_pass=True))
+    assert traffic > 1.1 * (6 * k * d + d) * F32
 
 
 def test_bench_passes_quick_runs():

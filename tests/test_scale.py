@@ -12,8 +12,8 @@ Expected scale behaviour, by method (``u(J)`` the update for J):
 - ``upgrad``, ``dualproj``: ``c u(J)`` unless the true trace ``c^2 tr(JJ^T)`` is
   below ``norm_eps`` (then the mean gradient); ``cagrad``: then 0;
 - ``nash_mtl``: ``u(cJ) = u(J)`` (alpha scales as 1/c);
-- ``samgs``: Psi is scale-free, the equalisation branch is homogeneous; see
-  ``test_samgs_equalised_scale`` for what its per-task norms cover.
+- ``samgs``: Psi and h are scale-free (its per-task norms are rescaled), the
+  equalisation branch is homogeneous of degree 1, the momentum branch of degree 2.
 """
 
 from __future__ import annotations
@@ -75,6 +75,20 @@ def _step(name: str, **options):
         return tx.update(tree, tx.init(params), params)
 
     return lambda j: run(_tree(j))
+
+
+@functools.cache
+def _steps(name: str, **options):
+    """Two jitted updates from a fresh state (J1, then J2): (update, state) of the second."""
+    tx = samgs_optax.AGGREGATORS[name](K, **options)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
+
+    @jax.jit
+    def run(tree1, tree2):
+        _, state = tx.update(tree1, tx.init(params), params)
+        return tx.update(tree2, state, params)
+
+    return lambda j1, j2: run(_tree(j1), _tree(j2))
 
 
 @functools.cache
@@ -257,23 +271,13 @@ def test_nash_mtl_reuses_alpha_across_scales():
     assert float(state2.residual) == pytest.approx(want, rel=1e-3)
 
 
-@pytest.mark.parametrize(
-    "c",
-    [
-        1e17,
-        pytest.param(1e-20, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
-        pytest.param(1e-30, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
-        pytest.param(1e20, marks=pytest.mark.xfail(strict=True, reason="samgs: plain norms")),
-    ],
-)
+@pytest.mark.parametrize("c", (1e17, *SCALES))
 def test_samgs_equalised_scale(c):
-    """Equalisation branch (gamma = 1): u(cJ) = c u(J).
+    """Equalisation branch (gamma = 1): u(cJ) = c u(J), and the norms are c n(J).
 
-    ``samgs`` computes its norms with ``task_norms(g)`` (no ``rescale``), so a
-    squared norm outside float32 (c = 1e-20, 1e-30: zero norms, Psi = 1;
-    c = 1e20: inf norms, NaN) changes the result; documented in the README.
-    ``task_norms(..., rescale=True)`` fixes that (tested below); the xfails
-    turn into failures (strict) once ``samgs`` uses it.
+    ``samgs`` computes its norms with ``task_norms(g, rescale=True)``: at
+    c = 1e-20 and 1e-30 the plain squared norms underflow (zero norms, Psi = 1),
+    at c = 1e20 they overflow (inf norms, NaN update); rescaled, they are exact.
     """
     j = _jacobian()
     step = _step("samgs", gamma=1.0)
@@ -282,6 +286,32 @@ def test_samgs_equalised_scale(c):
     u_c, state_c = step(_scaled(j, c))
     assert bool(state_c.equalised)
     _assert_close(_flat(u_c), c * _flat(u), 1e-5, c)
+    want = np.linalg.norm(_scaled(j, c).astype(np.float64), axis=1)
+    np.testing.assert_allclose(np.asarray(state_c.norms, np.float64), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("c", (1e-17, 1e17, 1e-30, 1e20))
+def test_samgs_momentum_scale(c):
+    """Momentum branch (gamma = 0), two steps: Psi, h and the branch do not depend on c.
+
+    m is linear in c, so u(cJ) = c^2 u(J): checked where c^2 u(J) is a normal
+    float32 (c = 1e-17, 1e17). At c = 1e-30 and 1e20, c^2 u(J) lies outside
+    float32 (1e-60, 1e40): the update is then not checked, but the state
+    (norms, Psi, h, m) still is.
+    """
+    j, j2 = _jacobian(), _jacobian(7)
+    step = _steps("samgs", gamma=0.0)
+    (u, state), (u_c, state_c) = step(j, j2), step(_scaled(j, c), _scaled(j2, c))
+    assert not bool(state_c.equalised)
+    np.testing.assert_allclose(float(state_c.similarity), float(state.similarity), rtol=1e-6)
+    np.testing.assert_allclose(float(state_c.h), float(state.h), rtol=1e-6)
+    want = np.linalg.norm(_scaled(j2, c).astype(np.float64), axis=1)
+    np.testing.assert_allclose(np.asarray(state_c.norms, np.float64), want, rtol=1e-6)
+    _assert_close(_flat(state_c.m), c * _flat(state.m), 1e-6, c)
+    top = c * c * np.abs(_flat(u)).max()
+    if np.finfo(np.float32).tiny < top < np.finfo(np.float32).max:
+        assert c in (1e-17, 1e17)
+        _assert_close(_flat(u_c), c * c * _flat(u), 1e-5, c)
 
 
 def test_every_aggregator_is_covered():
