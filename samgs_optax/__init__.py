@@ -5,9 +5,12 @@ task axis of length K, as :func:`value_and_jacrev` returns them) and produces
 one update shaped like the parameters, ready to chain with any optax optimizer.
 """
 
+from samgs_optax import nnx  # Flax NNX helpers; flax is imported only when they are called
 from samgs_optax.accumulation import MultiStepsState, has_updated, multi_steps
 from samgs_optax.aggregators import (
+    AGGREGATOR_SPECS,
     AGGREGATORS,
+    AggregatorSpec,
     GradDropState,
     NashMTLState,
     PCGradState,
@@ -24,12 +27,17 @@ from samgs_optax.aggregators import (
 )
 from samgs_optax.finite import ApplyIfFiniteState, apply_if_finite
 from samgs_optax.gramian import GramianWeightingState, gramian, gramian_weighting
+from samgs_optax.hyperparams import inject_hyperparams
 from samgs_optax.jacobian import value_and_jacrev
+from samgs_optax.masks import resolve_mask
+from samgs_optax.recipe import recipe
 from samgs_optax.samgs import SamgsState, samgs
 from samgs_optax.similarity import magnitude_similarity, pairwise_similarity, task_norms
 
 __all__ = [
+    "AGGREGATOR_SPECS",
     "AGGREGATORS",
+    "AggregatorSpec",
     "GradDropState",
     "GramianWeightingState",
     "NashMTLState",
@@ -51,9 +59,13 @@ __all__ = [
     "SamgsState",
     "apply_if_finite",
     "has_updated",
+    "inject_hyperparams",
     "magnitude_similarity",
     "multi_steps",
+    "nnx",
     "pairwise_similarity",
+    "recipe",
+    "resolve_mask",
     "samgs",
     "task_norms",
     "value_and_jacrev",

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
+from samgs_optax.masks import INJECT_HINT, Mask, resolve_mask
 
 PyTree = Any
-Mask = PyTree | Callable[[PyTree], PyTree] | None
 
 
 def is_masked(x: Any) -> bool:
@@ -29,23 +29,17 @@ def is_masked(x: Any) -> bool:
 def resolve_layout(mask: Mask, params: PyTree) -> PyTree:
     """Tree like ``params``: a scalar ``True`` on shared leaves, ``MaskedNode()`` on heads.
 
-    Kept in the transform's state so that ``update`` knows which leaves are
-    shared without needing ``params``; ``MaskedNode`` has no leaves, so the
+    ``mask`` takes every form :func:`samgs_optax.masks.resolve_mask` accepts. The
+    layout is kept in the transform's state so that ``update`` knows which leaves
+    are shared without needing ``params``; ``MaskedNode`` has no leaves, so the
     layout survives ``jax.jit``.
     """
-    if mask is None:
-        resolved = jax.tree.map(lambda _: True, params)
-    else:
-        resolved = mask(params) if callable(mask) else mask
-    try:
-        flags = jax.tree.map(lambda _, s: bool(s), params, resolved)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"mask must have the structure of params.\n  params: "
-            f"{jax.tree.structure(params)}\n  mask: {jax.tree.structure(resolved)}"
-        ) from err
+    flags = resolve_mask(mask, params)
     if not any(jax.tree.leaves(flags)):
-        raise ValueError("mask selects no shared leaf: at least one leaf must be shared.")
+        # A single False is what a callable mask turns into under optax.inject_hyperparams.
+        single = mask is not None and not callable(mask) and len(jax.tree.leaves(mask)) <= 1
+        hint = f" {INJECT_HINT}" if single else ""
+        raise ValueError(f"mask selects no shared leaf: at least one leaf must be shared.{hint}")
     return jax.tree.map(lambda s: jnp.ones([], jnp.bool_) if s else MaskedNode(), flags)
 
 

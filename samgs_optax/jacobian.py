@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -22,7 +23,7 @@ SEQUENTIAL_UNROLL = 32
 
 def value_and_jacrev(
     fun: Callable[..., Any],
-    argnums: int = 0,
+    argnums: int | Sequence[int] = 0,
     *,
     has_aux: bool = False,
     mode: Mode = "auto",
@@ -33,7 +34,8 @@ def value_and_jacrev(
     ``fun(*args)`` must return a vector of shape (K,) (or ``(losses, aux)`` with
     ``has_aux=True``). The returned function gives ``(losses, grads)`` (or
     ``((losses, aux), grads)``) where ``grads`` has the structure of
-    ``args[argnums]`` and every leaf an extra leading axis of length K:
+    ``args[argnums]`` (a tuple of such trees when ``argnums`` is a tuple, as in
+    ``jax.value_and_grad``) and every leaf an extra leading axis of length K:
     ``grads[k]`` is :math:`\nabla_x \ell_k`, the gradient of ``losses[k]``. This
     is the input :func:`samgs_optax.samgs` and the other aggregators expect.
 
@@ -71,13 +73,21 @@ def value_and_jacrev(
     ``"auto"``, ``"jacrev"`` and ``"sequential"`` modes, and task 0's forward
     pass in ``"vmap"`` mode (every task's forward computes the same ``aux``).
 
+    The differentiated arguments must hold floating-point (or complex) arrays
+    only, as ``jax.value_and_grad`` requires: an integer, boolean or PRNG-key leaf
+    raises ``TypeError`` naming it. A Flax NNX module is refused too (its batch
+    statistics and RNG counters would be "differentiated" and never updated): use
+    :func:`samgs_optax.nnx.value_and_jacrev`, or split the module and
+    differentiate its ``nnx.Param`` state.
+
     Inside ``jax.shard_map`` (default ``check_vma=True``) every mode behaves like
     ``jax.grad`` there: the gradients of parameters replicated over a mesh axis
     that the losses vary over come out summed over that axis.
 
     Args:
       fun: function of ``*args`` returning the K losses (and aux).
-      argnums: which positional argument to differentiate (an int).
+      argnums: which positional argument to differentiate: an int, or a tuple of
+        ints for a tuple of gradient trees.
       has_aux: whether ``fun`` returns ``(losses, aux)``.
       mode: ``"auto"``, ``"jacrev"``, ``"sequential"`` or ``"vmap"``.
       unroll: in ``"sequential"`` mode (and ``"auto"`` on CPU), the number of
@@ -90,15 +100,24 @@ def value_and_jacrev(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
-    if not isinstance(argnums, int):
-        raise TypeError(f"argnums must be an int, got {argnums!r}.")
+    positions = _check_argnums(argnums)
+    many = not isinstance(argnums, int)
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}.")
 
     def wrapped(*args):
+        for i in positions:
+            if i >= len(args):
+                raise TypeError(
+                    f"argnums={argnums!r} but the function was called with {len(args)} "
+                    "positional arguments."
+                )
+            _check_differentiable(args[i], i)
+
         def fun_of_x(x):
             new_args = list(args)
-            new_args[argnums] = x
+            for i, xi in zip(positions, x if many else (x,), strict=True):
+                new_args[i] = xi
             out = fun(*new_args)
             losses, aux = out if has_aux else (out, None)
             losses = jnp.asarray(losses)
@@ -109,7 +128,7 @@ def value_and_jacrev(
                 )
             return losses, aux
 
-        x = args[argnums]
+        x = tuple(args[i] for i in positions) if many else args[argnums]
         if mode == "auto":
             per_platform = {
                 platform: functools.partial(_one_forward, fun_of_x, mode=chosen, unroll=unroll)
@@ -124,6 +143,47 @@ def value_and_jacrev(
         return ((losses, aux) if has_aux else losses), grads
 
     return wrapped
+
+
+def _check_argnums(argnums: Any) -> tuple[int, ...]:
+    """The positions to differentiate; ``argnums`` itself stays an int or becomes a tuple."""
+    many = isinstance(argnums, (tuple, list))
+    positions = tuple(argnums) if many else (argnums,)
+    ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in positions)
+    if not ok or (many and len(set(positions)) != len(positions)) or not positions:
+        raise TypeError(
+            f"argnums must be a non-negative int or a tuple of distinct ones, got {argnums!r}."
+        )
+    return positions
+
+
+def _check_differentiable(arg: PyTree, position: int) -> None:
+    """Refuses what ``jax.value_and_grad`` refuses (non-inexact leaves), and NNX modules."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(arg, nnx.Module):
+        raise TypeError(
+            f"argument {position} is a Flax NNX module ({type(arg).__name__}). Use "
+            "samgs_optax.nnx.value_and_jacrev(fn)(model): it differentiates the nnx.Param "
+            "state only and carries the other state (BatchNorm statistics, RNG counters) "
+            "forward; or split the module with nnx.split(model, nnx.Param, ...) and "
+            "differentiate the Param state."
+        )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+        dtype = getattr(leaf, "dtype", None)
+        dtype = jnp.result_type(leaf) if dtype is None else dtype  # Python scalars
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            name = jax.tree_util.keystr(path) or "<root>"
+            hint = (
+                " It looks like Flax NNX state (RNG counts or keys): use "
+                "samgs_optax.nnx.value_and_jacrev, which differentiates nnx.Param only."
+                if any("rng" in str(k).lower() or "count" in str(k).lower() for k in path)
+                else ""
+            )
+            raise TypeError(
+                f"value_and_jacrev requires real- or complex-valued inputs (like "
+                f"jax.value_and_grad), but argument {position} leaf {name} has dtype "
+                f"{dtype}.{hint}"
+            )
 
 
 def _k_forwards(fun_of_x: Callable, x: PyTree) -> tuple[jax.Array, Any, PyTree]:
@@ -196,6 +256,13 @@ def _stack(trees: list[PyTree]) -> PyTree:
 
 def _varying_like(cotangent: jax.Array, primal_out: jax.Array) -> jax.Array:
     """Marks ``cotangent`` as varying over the manual mesh axes ``primal_out`` varies over.
+
+    The differentiated arguments must hold floating-point (or complex) arrays
+    only, as ``jax.value_and_grad`` requires: an integer, boolean or PRNG-key leaf
+    raises ``TypeError`` naming it. A Flax NNX module is refused too (its batch
+    statistics and RNG counters would be "differentiated" and never updated): use
+    :func:`samgs_optax.nnx.value_and_jacrev`, or split the module and
+    differentiate its ``nnx.Param`` state.
 
     Inside ``jax.shard_map`` (with its default ``check_vma=True``) the losses of a
     sharded batch vary over the data axis, and a VJP requires a cotangent of the

@@ -67,6 +67,40 @@ def test_without_aux_and_other_argnums():
     np.testing.assert_allclose(grads["x"], want_grads["x"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["auto", "jacrev", "vmap", "sequential"])
+def test_tuple_argnums_gives_a_tuple_of_stacked_gradients(mode):
+    """As jax.value_and_grad: one gradient tree per differentiated argument."""
+
+    def fn(x, b, s):
+        return losses({"x": x, "s": s}, A, b)[0]
+
+    values, (grad_x, grad_s) = samgs_optax.value_and_jacrev(fn, argnums=(0, 2), mode=mode)(
+        PARAMS["x"], B, PARAMS["s"]
+    )
+    want_values, want_grads, _ = closed_form(PARAMS)
+    np.testing.assert_allclose(values, want_values, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, want_grads["x"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grad_s, want_grads["s"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argnums", [(0, 0), (), -1, 1.0, True])
+def test_bad_argnums_are_refused(argnums):
+    with pytest.raises(TypeError, match="argnums must be"):
+        samgs_optax.value_and_jacrev(lambda p, a, b: losses(p, a, b)[0], argnums=argnums)
+
+
+def test_non_float_inputs_are_refused_like_jax_grad():
+    params = {"x": PARAMS["x"], "n": np.int32(3)}
+
+    def fn(p):
+        return losses({"x": p["x"], "s": PARAMS["s"]}, A, B)[0] * p["n"]
+
+    with pytest.raises(TypeError, match=r"argument 0 leaf \['n'\] has dtype int32"):
+        samgs_optax.value_and_jacrev(fn)(params)
+    with pytest.raises(TypeError, match="int32"):  # what jax.value_and_grad says in its place
+        jax.value_and_grad(lambda p: jnp.sum(fn(p)))(params)
+
+
 def test_feeds_samgs_directly():
     _, grads = samgs_optax.value_and_jacrev(lambda p: losses(p, A, B)[0])(PARAMS)
     tx = samgs_optax.samgs(K)

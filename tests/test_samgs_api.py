@@ -117,7 +117,8 @@ def test_mask_heads_get_plain_sum_and_no_moments(mask):
 
 
 def test_mask_of_wrong_structure_is_rejected():
-    with pytest.raises(ValueError, match="mask must have the structure of params"):
+    # The message names the first uncovered parameter path, not two tree dumps.
+    with pytest.raises(ValueError, match=r"does not cover the parameter at \['dense'\]\['b'\]"):
         samgs_optax.samgs(K, mask={"conv": True}).init(PARAMS)
 
 
