@@ -7,16 +7,27 @@ like the parameters. :data:`AGGREGATORS` maps each method's name (and
 ``"samgs"``) to its factory, so that examples can loop over methods::
 
     for name, make in samgs_optax.AGGREGATORS.items():
-        tx = optax.chain(make(num_tasks), optax.adam(1e-3))
+        tx = samgs_optax.recipe(make, num_tasks)  # the authors' chain, see recipe
 
 Every factory accepts ``mask=`` (shared leaves; task-specific leaves get the
 plain sum over tasks). The Gramian-based ones also expose their weighting as a
 pure function ``NAME_weights(G, ...)`` of the K x K Gramian.
+
+:data:`AGGREGATOR_SPECS` is the one list every method is declared in: its
+factory and whether the authors' recipe multiplies its output by K
+(:func:`samgs_optax.recipe` reads it). The rule: for K copies of one gradient g,
+a method whose output is the size of g (a *mean*, e.g. MGDA, UPGrad) is
+multiplied by K, so that the shared update matches the gradient of the summed
+loss; a method that already *sums* over tasks (LS, PCGrad, GradDrop) or whose
+output is *normalised* (Nash-MTL: its size does not follow ``||g||``) is not.
+SAM-GS is multiplied by K because its authors do so ("to match the sum loss").
+``tests/test_recipe.py`` checks every declaration against that probe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optax
 
@@ -32,26 +43,109 @@ from samgs_optax.aggregators.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from samgs_optax.aggregators.upgrad import upgrad, upgrad_weights
 from samgs_optax.samgs import samgs
 
-AGGREGATORS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "samgs": samgs,
-    "linear_scalarization": linear_scalarization,
-    "pcgrad": pcgrad,
-    "mgda": mgda,
-    "cagrad": cagrad,
-    "imtl_g": imtl_g,
-    "aligned_mtl": aligned_mtl,
-    "nash_mtl": nash_mtl,
-    "upgrad": upgrad,
-    "dualproj": dualproj,
-    "graddrop": graddrop,
-}
+Factory = Callable[..., optax.GradientTransformation]
+
+
+class AggregatorSpec(NamedTuple):
+    """One registered method: its factory and the recipe's scaling rule for it.
+
+    Attributes:
+      name: the registry key.
+      factory: ``factory(num_tasks, *, mask=None, **options)``.
+      scale_by_tasks: whether :func:`samgs_optax.recipe` multiplies the output by
+        K; a callable ``(**options) -> bool`` where an option changes the output's
+        size (``linear_scalarization(reduction="mean")``).
+      reason: one line saying why.
+    """
+
+    name: str
+    factory: Factory
+    scale_by_tasks: bool | Callable[..., bool]
+    reason: str
+
+    def scales(self, **options: Any) -> bool:
+        """The declared rule for this method built with ``options``."""
+        if callable(self.scale_by_tasks):
+            return bool(self.scale_by_tasks(**options))
+        return self.scale_by_tasks
+
+
+def _mean_reduction(*, reduction: str = "sum", **_: Any) -> bool:
+    return reduction == "mean"
+
+
+AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
+    AggregatorSpec(
+        "samgs",
+        samgs,
+        True,
+        "the authors multiply it by K 'to match the sum loss'; its size does not follow "
+        "||g|| (momentum branch over sqrt(h))",
+    ),
+    AggregatorSpec(
+        "linear_scalarization",
+        linear_scalarization,
+        _mean_reduction,
+        "the sum of the task gradients; with reduction='mean' the mean, times K",
+    ),
+    AggregatorSpec(
+        "pcgrad", pcgrad, False, "a sum over tasks, as the authors' PCGrad, which is not scaled"
+    ),
+    AggregatorSpec(
+        "mgda", mgda, True, "mean-sized (convex weights); the authors' MGDA weights sum to K"
+    ),
+    AggregatorSpec(
+        "cagrad", cagrad, True, "mean-sized (around the mean g0); the authors' CAGrad times K"
+    ),
+    AggregatorSpec(
+        "imtl_g", imtl_g, True, "mean-sized (weights sum to 1); the authors' IMTL-G is unscaled"
+    ),
+    AggregatorSpec(
+        "aligned_mtl",
+        aligned_mtl,
+        True,
+        "mean-sized (TorchJD's mean weighting); the authors' version sums, then times K",
+    ),
+    AggregatorSpec(
+        "nash_mtl",
+        nash_mtl,
+        False,
+        "its size does not follow ||g|| (G alpha = 1/alpha, max_norm); the authors' unscaled",
+    ),
+    AggregatorSpec("upgrad", upgrad, True, "mean-sized (the mean of the projected gradients)"),
+    AggregatorSpec("dualproj", dualproj, True, "mean-sized (the projected mean gradient)"),
+    AggregatorSpec(
+        "graddrop", graddrop, False, "a sum over tasks; the authors' GradDrop: mean times K"
+    ),
+)
+"""Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
+
+AGGREGATORS: dict[str, Factory] = {spec.name: spec.factory for spec in AGGREGATOR_SPECS}
 """Name -> factory ``f(num_tasks, **options) -> optax.GradientTransformation``."""
+
+
+def aggregator_spec(aggregator: str | Factory) -> AggregatorSpec:
+    """The declaration of a registered method, looked up by name or by factory.
+
+    Raises:
+      ValueError: for an unknown name (listing the registered names), or for a
+        callable that is no registered factory.
+    """
+    for spec in AGGREGATOR_SPECS:
+        if aggregator == spec.name or aggregator is spec.factory:
+            return spec
+    what = f"name {aggregator!r}" if isinstance(aggregator, str) else f"factory {aggregator!r}"
+    raise ValueError(f"unknown aggregator {what}; registered: {', '.join(AGGREGATORS)}.")
+
 
 __all__ = [
     "AGGREGATORS",
+    "AGGREGATOR_SPECS",
+    "AggregatorSpec",
     "GradDropState",
     "NashMTLState",
     "PCGradState",
+    "aggregator_spec",
     "aligned_mtl",
     "aligned_mtl_weights",
     "cagrad",
