@@ -6,6 +6,8 @@ line of ``update_fn`` below.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import chex
@@ -19,6 +21,18 @@ from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split, s
 from samgs_optax.similarity import magnitude_similarity, task_norms
 
 PyTree = Any
+Implementation = Literal["auto", "xla", "pallas"]
+
+AUTO_IMPLEMENTATION: dict[str, Literal["xla", "pallas"]] = {}
+"""What ``implementation="auto"`` runs on each platform (names as in
+``jax.lax.platform_dependent``: ``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``);
+every platform not listed runs ``"xla"``.
+
+Empty: the Pallas kernel has not yet been measured faster than XLA on any GPU,
+so ``"auto"`` is XLA everywhere. A GPU session that measures it faster
+(``python benchmarks/bench_update.py --implementation both``) adds e.g.
+``"cuda": "pallas"`` here, with the figures in ``docs/performance.md``.
+"""
 
 
 class SamgsState(NamedTuple):
@@ -52,6 +66,7 @@ def samgs(
     similarity: Literal["mean", "min"] = "mean",
     mask: Mask = None,
     m_dtype: Any | None = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformation:
     r"""SAM-GS: aggregates stacked per-task gradients into one update.
 
@@ -117,6 +132,14 @@ def samgs(
         False leaves (task heads) receive the plain sum over tasks, keep no
         moments and do not enter the norms. ``None`` means every leaf is shared.
       m_dtype: optional dtype (e.g. ``jnp.bfloat16``) in which to store ``m``.
+      implementation: how the fused moments-and-output pass runs (the norms
+        are always XLA's). ``"xla"``: the reference, fused by XLA.
+        ``"pallas"``: a Pallas kernel (Triton on GPU) that reads g and m once
+        and writes m and u once per leaf; on CPU it runs in Pallas'
+        interpreter, for testing only (slow); not for TPU; not measured on a
+        GPU yet. ``"auto"`` (default): per platform from
+        :data:`AUTO_IMPLEMENTATION`, today ``"xla"`` on every platform. Both
+        agree to rounding (1 ulp, ``tests/test_pallas.py``).
 
     Returns:
       An ``optax.GradientTransformation``; its state is a :class:`SamgsState`.
@@ -134,6 +157,10 @@ def samgs(
     _validation.check_interval("eps", eps, 0.0, float("inf"), closed_high=True)
     if similarity not in ("mean", "min"):
         raise ValueError(f"similarity must be 'mean' or 'min', got {similarity!r}.")
+    if implementation not in ("auto", "xla", "pallas"):
+        raise ValueError(
+            f"implementation must be 'auto', 'xla' or 'pallas', got {implementation!r}."
+        )
 
     def init_fn(params: PyTree) -> SamgsState:
         layout = resolve_layout(mask, params)
@@ -166,7 +193,6 @@ def samgs(
         count = optax.safe_increment(state.count)  # t <- t + 1
         norms = task_norms(g, scalar, rescale=True)  # n_k = ||g_k||_2 over every shared leaf
         psi_mean, psi_min = magnitude_similarity(norms)  # Psi = mean_{i<j} psi_ij
-        m = jax.tree.map(lambda gl, ml: _ema(gl, ml, b1), g, state.m)  # m_k <- b1 m_k + (1-b1) g_k
         h = b2 * state.h + (1 - b2) * (1 - psi_mean) ** 2 + eps  # h <- b2 h + ... + eps
         m_hat_scale = 1 / (1 - jnp.asarray(b1, scalar) ** count)  # m^ = m / (1 - b1^t)
         h_hat = h / (1 - jnp.asarray(b2, scalar) ** count)  # h^ = h / (1 - b2^t)
@@ -178,9 +204,9 @@ def samgs(
         equal_weights = jnp.where(norms > 0, jnp.mean(norms) / safe_norms, 0)
         a = jnp.where(equalise, equal_weights, 0).astype(scalar)
         c = jnp.where(equalise, 0, m_hat_scale / jnp.sqrt(h_hat)).astype(scalar)
-        out = jax.tree.map(lambda gl, ml: _combine(gl, ml, a, c), g, m)
-
-        m = optax.tree.cast(m, m_dtype) if m_dtype is not None else m
+        # m_k <- b1 m_k + (1-b1) g_k and u = sum_k g_k (a_k + c |m_k|): one pass per leaf.
+        pass_fn = functools.partial(_moments_and_output, b1=b1, m_dtype=m_dtype)
+        m, out = _per_platform(implementation, pass_fn)(g, state.m, a, c)
         new_state = SamgsState(
             count=count,
             m=m,
@@ -207,3 +233,53 @@ def _combine(g: jax.Array, m: jax.Array, a: jax.Array, c: jax.Array) -> jax.Arra
         return g[k] * (a[k] + c * jnp.abs(m[k].astype(a.dtype)))
 
     return sum_over_tasks(term, g.shape[0]).astype(g.dtype)
+
+
+def _moments_and_output(
+    g: PyTree, m: PyTree, a: jax.Array, c: jax.Array, *, b1: Any, m_dtype: Any, kernel: str
+) -> tuple[PyTree, PyTree]:
+    """(m', u) over the shared leaves: m' in its storage dtype, u in g's dtype.
+
+    ``kernel``: ``"xla"``, ``"pallas"`` (compiled) or ``"interpret"`` (Pallas'
+    interpreter; empty leaves stay on XLA). The kernel module is imported only
+    here, so the library does not need Pallas unless it is asked for.
+    """
+    if kernel != "xla":
+        from samgs_optax import _pallas_samgs
+
+    def leaf(gl: jax.Array, ml: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if kernel == "xla" or gl.size == 0:
+            new = _ema(gl, ml, b1)
+            return new.astype(m_dtype or new.dtype), _combine(gl, new, a, c)
+        interpret = kernel == "interpret"
+        return _pallas_samgs.moments_and_output(gl, ml, a, c, b1, m_dtype, interpret=interpret)
+
+    g_leaves, treedef = jax.tree.flatten(g)
+    pairs = [leaf(gl, ml) for gl, ml in zip(g_leaves, treedef.flatten_up_to(m), strict=True)]
+    return tuple(jax.tree.unflatten(treedef, list(side)) for side in zip(*pairs, strict=True))
+
+
+def _per_platform(implementation: Implementation, pass_fn: Callable) -> Callable:
+    """``pass_fn`` with its ``kernel`` chosen per platform, at lowering time.
+
+    ``"xla"`` everywhere; ``"pallas"`` compiled everywhere but on CPU, where it is
+    interpreted; ``"auto"`` as :data:`AUTO_IMPLEMENTATION` says (read when traced).
+    A single choice needs no ``jax.lax.platform_dependent``.
+    """
+    if implementation == "auto":
+        chosen = {p: i for p, i in AUTO_IMPLEMENTATION.items() if i != "xla"}
+        default = "xla"
+    else:
+        chosen, default = {}, implementation
+    kernels = {p: "interpret" if p == "cpu" else i for p, i in chosen.items()}
+    if default == "pallas":
+        kernels.setdefault("cpu", "interpret")
+    if not kernels:
+        return functools.partial(pass_fn, kernel=default)
+
+    def run(*operands):
+        branches = {p: functools.partial(pass_fn, kernel=k) for p, k in kernels.items()}
+        default_fn = functools.partial(pass_fn, kernel=default)
+        return jax.lax.platform_dependent(*operands, default=default_fn, **branches)
+
+    return run
