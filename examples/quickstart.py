@@ -85,16 +85,13 @@ def train(tx: optax.GradientTransformation, per_task: bool, params, x, y):
 def main() -> None:
     x, y = make_data(jax.random.key(0))
     params = init_params(jax.random.key(1))
-    head_mask = {"trunk": {"w": True, "b": True}, "heads": {"w": False, "b": False}}
+    head_mask = {"trunk": True, "heads": False}  # shared trunk; the heads are task-specific
     methods = {
         "Adam on the summed loss": (optax.adam(LEARNING_RATE), False),
+        # The authors' recipe: SAM-GS on the trunk, times K (to match the summed loss) and
+        # clipped to norm 1 on the trunk only, then Adam; the heads get their task's gradient.
         "SAM-GS + Adam": (
-            optax.chain(
-                samgs_optax.samgs(NUM_TASKS, mask=head_mask),  # surgery on the trunk only
-                optax.scale(NUM_TASKS),  # the authors' recipe: match the summed loss,
-                optax.clip_by_global_norm(1.0),  # clip,
-                optax.adam(LEARNING_RATE),  # then Adam
-            ),
+            samgs_optax.recipe("samgs", NUM_TASKS, LEARNING_RATE, mask=head_mask),
             True,
         ),
     }
