@@ -2,15 +2,16 @@
 
 Runs every starting point of both two-task problems (``synthetic_problems.py``) with every
 method, vectorised: ``jax.vmap`` over the starts, ``jax.lax.scan`` over the steps, one
-``jax.jit`` per (problem, method). The default recipe is the authors' one,
+``jax.jit`` per (problem, method). Every aggregator in ``samgs_optax.AGGREGATORS`` runs in
+the authors' recipe, ``samgs_optax.recipe(method, K, 1e-3)``:
 
-    optax.chain(method, optax.scale(K), optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    optax.chain(method, [optax.scale(K)], optax.clip_by_global_norm(1.0), optax.adam(1e-3))
 
-for 20000 steps in float32, with per-task gradients from ``samgs_optax.value_and_jacrev``.
-The method "ls" is plain Adam on the summed loss, with neither the scale nor the clip, which
-is what the authors' LS baseline does (their clip runs before ``backward`` and so clips
-nothing). Every aggregator in ``samgs_optax.AGGREGATORS`` (when the registry exists) runs
-through the recipe above.
+with ``scale(K)`` where the method declares it (mean-sized outputs and SAM-GS; see
+``docs/aggregators.md``), for 20000 steps in float32, with per-task gradients from
+``samgs_optax.value_and_jacrev``. The method "ls" is plain Adam on the summed loss, with
+neither the scale nor the clip, which is what the authors' LS baseline does (their clip runs
+before ``backward`` and so clips nothing).
 
 Writes ``docs/figures/synthetic_problem{1,2}.png``, ``docs/synthetic_results.{md,json}`` and
 prints the tables. One command regenerates everything::
@@ -81,16 +82,8 @@ def make_optimizer(
     """The optax chain that maps stacked per-task gradients to a parameter update."""
     if method == "ls":
         return optax.chain(sum_over_tasks(), optax.adam(lr))
-    if method == "samgs":
-        aggregator = samgs_optax.samgs(NUM_TASKS, m_dtype=m_dtype)
-    else:
-        aggregator = registry()[method](NUM_TASKS, **METHOD_OPTIONS.get(method, {}))
-    return optax.chain(
-        aggregator,
-        optax.scale(float(NUM_TASKS)),
-        optax.clip_by_global_norm(1.0),
-        optax.adam(lr),
-    )
+    options = {"m_dtype": m_dtype} if method == "samgs" else METHOD_OPTIONS.get(method, {})
+    return samgs_optax.recipe(method, NUM_TASKS, lr, **options)
 
 
 # --------------------------------------------------------------------------- runner
