@@ -20,8 +20,9 @@ def check_num_tasks(num_tasks: Any) -> int:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
         raise TypeError(
             f"num_tasks must be a Python int, got {type(num_tasks).__name__} "
-            f"{num_tasks!r}. With optax.inject_hyperparams pass "
-            "static_args=('num_tasks',) so that it is not turned into an array."
+            f"{num_tasks!r}. Use samgs_optax.inject_hyperparams, or pass "
+            "static_args=('num_tasks', 'mask') to optax.inject_hyperparams, so that it is "
+            "not turned into an array."
         )
     if num_tasks < 2:
         raise ValueError(f"num_tasks must be >= 2, got {num_tasks}.")
