@@ -3,7 +3,8 @@
 XLA:CPU compiles the SAM-GS update (``samgs_optax.samgs``) into three passes per
 leaf (see ``docs/performance.md``):
 
-1. norms: read g (K x D), K partial sums of squares;
+1. norms: read g (K x D), K partial sums of squares (``task_norms(rescale=True)``,
+   whose range fallback, a ``lax.cond``, does not run on these in-range gradients);
 2. moments: read g and m, write m (donated, in place);
 3. output: read g and the new m, write u (D).
 
@@ -85,7 +86,7 @@ def measure(k: int, d: int, budget: float) -> dict:
     params = {"w": jnp.zeros((d,), jnp.float32)}
     tx = samgs_optax.samgs(k)
     step = jax.jit(tx.update, donate_argnums=(1,))
-    norms = jax.jit(task_norms)
+    norms = jax.jit(lambda g: task_norms(g, rescale=True))  # as samgs computes them
     moments = jax.jit(lambda g, m: ema(g, m, B1), donate_argnums=(1,))
     output = jax.jit(combine)
     fused_ref = jax.jit(lambda g, m, a, c: (combine(g, ema(g, m, B1), a, c), ema(g, m, B1)))

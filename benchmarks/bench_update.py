@@ -31,6 +31,15 @@ Usage::
 
     python benchmarks/bench_update.py            # full sweep, writes RESULTS.md
     python benchmarks/bench_update.py --quick    # a smoke run (seconds)
+    # On a GPU: XLA and the Pallas kernel side by side (kernel block and warps to tune)
+    python benchmarks/bench_update.py --implementation both --ks 2,10,40 \\
+        --ds 10000000,50000000 --allocators glibc [--pallas-block 2048 --pallas-warps 8]
+
+``--implementation`` (``xla``, ``pallas`` or ``both``) selects
+``samgs(implementation=...)``; with ``both`` the two are first checked to give the
+same update. On CPU the kernel runs in Pallas' interpreter: that checks the script,
+its times mean nothing. On a GPU the copy floor includes PyTorch's device copy when
+torch with CUDA is importable.
 """
 
 from __future__ import annotations
@@ -72,13 +81,19 @@ def make_params(d: int) -> dict:
     }
 
 
-def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
-    """Times one configuration; returns a dict of medians and ratios."""
+def measure(
+    k: int, d_target: int, budget: float, legacy: bool, implementations: tuple[str, ...] = ("xla",)
+) -> dict:
+    """Times one configuration; returns a dict of medians and ratios.
+
+    The plain keys (``samgs_ms``, ``vs_copy``, ...) describe ``implementations[0]``;
+    with a second implementation, ``{impl}_ms``, ``{impl}_vs_copy``,
+    ``{impl}_vs_loop``, ``{impl}_vs_first`` and ``{impl}_hlo_traffic`` describe it,
+    after both were checked to give the same update.
+    """
     import jax
     import numpy as np
     import optax
-
-    import samgs_optax
 
     samgs_module = importlib.import_module("samgs_optax.samgs")  # the module, not the function
 
@@ -91,17 +106,8 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         treedef, [jax.random.normal(kk, (k, *x.shape)) for kk, x in zip(keys, leaves, strict=True)]
     )
 
-    tx = samgs_optax.samgs(k)
-    update = jax.jit(tx.update, donate_argnums=(1,))
-    box: dict = {"samgs": tx.init(params)}
-    faults = {"n": 0, "calls": 0}
-
-    def run_samgs():
-        f0 = _common.minor_faults()
-        u, box["samgs"] = update(g, box["samgs"])
-        jax.block_until_ready((u, box["samgs"]))
-        faults["n"] += _common.minor_faults() - f0
-        faults["calls"] += 1
+    steps = {impl: _Step(k, params, g, impl) for impl in implementations}
+    _check_agreement(steps)
 
     n_copy = (3 * k * d + d) // 2
     copies = _common.copy_runners(n_copy)
@@ -109,17 +115,14 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     adam = optax.adam(1e-3)
     adam_update = jax.jit(adam.update, donate_argnums=(1,))
     g0 = jax.tree.map(lambda x: x[0] + 0, g)
-    box["adam"] = adam.init(params)
+    box = {"adam": adam.init(params)}
 
     def run_adam():
         u, box["adam"] = adam_update(g0, box["adam"])
         jax.block_until_ready((u, box["adam"]))
 
-    fns = {
-        "samgs": run_samgs,
-        **copies,
-        "adam": run_adam,
-    }
+    fns = {f"samgs_{impl}": step.run for impl, step in steps.items()}
+    fns |= {**copies, "adam": run_adam}
     if legacy:
         fns["legacy"] = _legacy_runner(k, params, g, samgs_module)
 
@@ -127,18 +130,21 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
     warm = _common.interleaved(fns, rounds=1, warmup=1)
     per_round = sum(float(v[0]) for v in warm.values())
     rounds = int(min(40, max(5, budget / max(per_round, 1e-9))))
-    faults.update(n=0, calls=0)
+    for step in steps.values():
+        step.faults.update(n=0, calls=0)
     t = _common.interleaved(fns, rounds=rounds, warmup=0)
 
     floor = _common.copy_floor(t)
-    hlo = update.lower(g, box["samgs"]).compile().as_text()
     minimum = 4 * (3 * k * d + d)
+    first = implementations[0]
+    t_first = t[f"samgs_{first}"]
     out = {
         "K": k,
         "D": d,
         "leaves": len(leaves),
         "rounds": rounds,
-        "samgs_ms": 1e3 * float(np.median(t["samgs"])),
+        "implementation": first,
+        "samgs_ms": 1e3 * float(np.median(t_first)),
         "copy_ms": 1e3 * float(np.median(floor)),
         "xla_copy_ms": 1e3 * float(np.median(t["xla_copy"])),
         "np_copy_ms": 1e3 * float(np.median(t["np_copy"])) if "np_copy" in t else None,
@@ -146,16 +152,73 @@ def measure(k: int, d_target: int, budget: float, legacy: bool) -> dict:
         "loop_copy_ms": 1e3 * float(np.median(t["loop_copy"])),
         "stream_ms": 1e3 * float(np.median(t["stream"])),
         "adam_ms": 1e3 * float(np.median(t["adam"])),
-        "vs_copy": _common.median_ratio(t["samgs"], floor),
-        "vs_stream": _common.median_ratio(t["samgs"], t["stream"]),
-        "vs_adam": _common.median_ratio(t["samgs"], t["adam"]),
-        "hlo_traffic": _common.hlo_traffic_bytes(hlo) / minimum,
-        "faults_per_step": faults["n"] / max(1, faults["calls"]),
+        "vs_copy": _common.median_ratio(t_first, floor),
+        "vs_loop": _common.median_ratio(t_first, t["loop_copy"]),
+        "vs_stream": _common.median_ratio(t_first, t["stream"]),
+        "vs_adam": _common.median_ratio(t_first, t["adam"]),
+        "hlo_traffic": steps[first].traffic() / minimum,
+        "faults_per_step": steps[first].faults_per_step(),
         "copy_gbs": 2 * 4 * n_copy / float(np.median(floor)) / 1e9,
     }
+    for impl in implementations[1:]:
+        ti = t[f"samgs_{impl}"]
+        out[f"{impl}_ms"] = 1e3 * float(np.median(ti))
+        out[f"{impl}_vs_copy"] = _common.median_ratio(ti, floor)
+        out[f"{impl}_vs_loop"] = _common.median_ratio(ti, t["loop_copy"])
+        out[f"{impl}_vs_first"] = _common.median_ratio(ti, t_first)
+        out[f"{impl}_hlo_traffic"] = steps[impl].traffic() / minimum
     if legacy:
         out["legacy_vs_copy"] = _common.median_ratio(t["legacy"], floor)
     return out
+
+
+class _Step:
+    """A jitted ``samgs(k, implementation=impl).update`` with its state donated."""
+
+    def __init__(self, k: int, params, g, implementation: str):
+        import jax
+
+        import samgs_optax
+
+        tx = samgs_optax.samgs(k, implementation=implementation)
+        self.g, self.faults = g, {"n": 0, "calls": 0}
+        self.update = jax.jit(tx.update, donate_argnums=(1,))
+        self.state = tx.init(params)
+        self.first_update, self.state = self.update(g, self.state)
+
+    def run(self) -> None:
+        import jax
+
+        f0 = _common.minor_faults()
+        u, self.state = self.update(self.g, self.state)
+        jax.block_until_ready((u, self.state))
+        self.faults["n"] += _common.minor_faults() - f0
+        self.faults["calls"] += 1
+
+    def faults_per_step(self) -> float:
+        """Minor page faults per timed call."""
+        return self.faults["n"] / max(1, self.faults["calls"])
+
+    def traffic(self) -> int:
+        """HLO traffic of the compiled step (a Triton kernel counts as its operands + results)."""
+        return _common.hlo_traffic_bytes(self.update.lower(self.g, self.state).compile().as_text())
+
+
+def _check_agreement(steps: dict) -> None:
+    """Every implementation's first update equals the first implementation's to 1e-5."""
+    import jax
+    import numpy as np
+
+    def flat(tree):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+    names = list(steps)
+    want = flat(steps[names[0]].first_update)
+    for name in names[1:]:
+        got = flat(steps[name].first_update)
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        if not err <= 1e-5:
+            raise SystemExit(f"{name} and {names[0]} disagree: relative error {err:.2e}")
 
 
 def _legacy_runner(k, params, g, samgs_module):
@@ -194,13 +257,27 @@ def child(args: argparse.Namespace) -> None:
     """Runs the sweep in this process and prints one JSON line per configuration."""
     import gc
 
-    print(json.dumps({"machine": _common.machine(), "allocator": _common.allocator()}), flush=True)
+    import jax
+
+    implementations = _implementations(args.implementation)
+    if "pallas" in implementations:
+        from samgs_optax import _pallas_samgs
+
+        _pallas_samgs.BLOCK = args.pallas_block or _pallas_samgs.BLOCK
+        _pallas_samgs.NUM_WARPS = args.pallas_warps or _pallas_samgs.NUM_WARPS
+        pallas = f"Pallas block {_pallas_samgs.BLOCK}, warps {_pallas_samgs.NUM_WARPS or 'default'}"
+        if jax.default_backend() == "cpu":
+            pallas += " (CPU: Pallas' interpreter, for testing only; its times mean nothing)"
+    else:
+        pallas = ""
+    meta = {"machine": _common.machine(), "allocator": _common.allocator(), "pallas": pallas}
+    print(json.dumps(meta), flush=True)
     for k in args.ks:
         for d in args.ds:
             if k * d > args.max_kd:
                 continue
             legacy = args.legacy and k * d <= 10_000_000
-            res = measure(k, d, args.budget, legacy)
+            res = measure(k, d, args.budget, legacy, implementations)
             print(json.dumps(res), flush=True)
             gc.collect()
 
@@ -218,18 +295,27 @@ def run_child(args: argparse.Namespace, allocator: str) -> tuple[dict, list[dict
         rec = json.loads(line)
         if "machine" in rec:
             meta = rec
-            print(f"[{allocator}] {rec['allocator']}")
+            print(
+                f"[{allocator}] {rec['allocator']}"
+                + (f"; {rec['pallas']}" if rec["pallas"] else "")
+            )
             continue
         rows.append(rec)
         legacy = (
             f"  before a1342b3 {rec['legacy_vs_copy']:5.1f}x" if "legacy_vs_copy" in rec else ""
         )
+        pallas = (
+            f"  | pallas {rec['pallas_ms']:8.2f} ms x{rec['pallas_vs_copy']:5.2f}"
+            f"  loop x{rec['pallas_vs_loop']:5.2f}  vs xla x{rec['pallas_vs_first']:5.2f}"
+            if "pallas_ms" in rec
+            else ""
+        )
         print(
-            f"[{allocator}] K={rec['K']:3d} D={rec['D']:9d}  samgs {rec['samgs_ms']:8.2f} ms  "
-            f"copy {rec['copy_ms']:8.2f} ms  x{rec['vs_copy']:5.2f}"
-            f"  stream x{rec['vs_stream']:5.2f}"
+            f"[{allocator}] K={rec['K']:3d} D={rec['D']:9d}  {rec['implementation']} "
+            f"{rec['samgs_ms']:8.2f} ms  copy {rec['copy_ms']:8.2f} ms  x{rec['vs_copy']:5.2f}"
+            f"  loop x{rec['vs_loop']:5.2f}  stream x{rec['vs_stream']:5.2f}"
             f"  adam x{rec['vs_adam']:5.2f}  HLO traffic {rec['hlo_traffic']:4.2f}"
-            f"  faults/step {rec['faults_per_step']:7.0f}{legacy}",
+            f"  faults/step {rec['faults_per_step']:7.0f}{legacy}{pallas}",
             flush=True,
         )
     if proc.wait() != 0:
@@ -240,7 +326,13 @@ def run_child(args: argparse.Namespace, allocator: str) -> tuple[dict, list[dict
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--ks", ",".join(map(str, args.ks)), "--ds", ",".join(map(str, args.ds))]
     out += ["--max-kd", str(args.max_kd), "--budget", str(args.budget)]
+    out += ["--implementation", args.implementation]
+    out += ["--pallas-block", str(args.pallas_block), "--pallas-warps", str(args.pallas_warps)]
     return out + (["--legacy"] if args.legacy else [])
+
+
+def _implementations(choice: str) -> tuple[str, ...]:
+    return ("xla", "pallas") if choice == "both" else (choice,)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -266,14 +358,22 @@ def report(results: dict[str, tuple[dict, list[dict]]], args: argparse.Namespace
         "- Parameter trees are MLP-shaped, 8 leaves; float32; random gradients (the "
         "momentum branch; the equalisation branch is the same fused pass, selected "
         "arithmetically).",
+        f"- `samgs(implementation={args.implementation!r})`"
+        + (f"; {first['pallas']}" if first.get("pallas") else "")
+        + ". `x loop`: against XLA's elementwise copy of the same bytes. With `both`, the "
+        "plain columns are XLA's and the `pallas` columns the kernel's (`vs xla`: per-round "
+        "ratio of the two), after both gave the same first update (to 1e-5).",
     ]
     for name, (meta, rows) in results.items():
         lines += ["", f"### allocator: {meta.get('allocator', name)}", ""]
-        header = ["K", "D", "samgs ms", "copy ms", "x copy", "x stream", "x adam", "HLO traffic"]
-        header += ["faults/step", "copy GB/s"]
+        header = ["K", "D", "samgs ms", "copy ms", "x copy", "x loop", "x stream", "x adam"]
+        header += ["HLO traffic", "faults/step", "copy GB/s"]
         has_legacy = any("legacy_vs_copy" in r for r in rows)
+        has_pallas = any("pallas_ms" in r for r in rows)
         if has_legacy:
             header.append("before a1342b3, x copy")
+        if has_pallas:
+            header += ["pallas ms", "pallas x copy", "pallas x loop", "pallas vs xla"]
         table = []
         for r in rows:
             row = [
@@ -282,6 +382,7 @@ def report(results: dict[str, tuple[dict, list[dict]]], args: argparse.Namespace
                 f"{r['samgs_ms']:.2f}",
                 f"{r['copy_ms']:.2f}",
                 f"{r['vs_copy']:.2f}",
+                f"{r['vs_loop']:.2f}",
                 f"{r['vs_stream']:.2f}",
                 f"{r['vs_adam']:.2f}",
                 f"{r['hlo_traffic']:.2f}",
@@ -290,6 +391,9 @@ def report(results: dict[str, tuple[dict, list[dict]]], args: argparse.Namespace
             ]
             if has_legacy:
                 row.append(f"{r['legacy_vs_copy']:.1f}" if "legacy_vs_copy" in r else "")
+            if has_pallas:
+                keys = ("pallas_ms", "pallas_vs_copy", "pallas_vs_loop", "pallas_vs_first")
+                row += [f"{r[key]:.2f}" if key in r else "" for key in keys]
             table.append(row)
         lines.append(_common.markdown_table(header, table))
     return "\n".join(lines)
@@ -311,6 +415,15 @@ def main() -> None:
         "--allocators", default="glibc,jemalloc", help="comma list of glibc,jemalloc"
     )
     parser.add_argument("--legacy", action="store_true", help="also time the pre-a1342b3 update")
+    parser.add_argument(
+        "--implementation",
+        choices=("xla", "pallas", "both"),
+        default="xla",
+        help="samgs(implementation=...) to time; both: XLA and the Pallas kernel side by side "
+        "(on CPU the kernel runs in Pallas' interpreter: a smoke test, not a timing)",
+    )
+    parser.add_argument("--pallas-block", type=int, default=0, help="kernel block (power of 2)")
+    parser.add_argument("--pallas-warps", type=int, default=0, help="Triton warps per program")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -110,13 +110,14 @@ def samgs(
     :math:`\Psi`, :math:`h` and the branch do not depend on the gradients'
     scale (float32 gradients from ~1e-30 to ~1e20 times a unit Jacobian are
     tested). A task whose plain sum of squares under- or overflows is
-    recomputed inside a ``lax.cond`` that costs nothing in the common case
-    (one pass over g for the norms, then the fused moments-and-output pass)
-    and two more reads of g when it runs (under ``jax.vmap`` the cond becomes
-    a select and both sides run). The equalisation branch is homogeneous of
-    degree 1 in the gradients' scale and the momentum branch of degree 2: its
-    update overflows (or underflows) float32 when the square of the scale
-    does, e.g. for gradients ~1e20, while the state stays finite.
+    recomputed inside a ``lax.cond``: in the common case the step still makes
+    one pass over g for the norms, then the fused moments-and-output pass (the
+    test and the cond cost about 6 us on CPU); the fallback reads g twice
+    more (under ``jax.vmap`` the cond becomes a select and both sides run).
+    The equalisation branch is homogeneous of degree 1 in the gradients' scale
+    and the momentum branch of degree 2: its update overflows (or underflows)
+    float32 when the square of the scale does, e.g. for gradients ~1e20, while
+    the state stays finite.
 
     Args:
       num_tasks: K >= 2, the length of the leading axis of every gradient leaf.
@@ -244,11 +245,14 @@ def _moments_and_output(
     interpreter; empty leaves stay on XLA). The kernel module is imported only
     here, so the library does not need Pallas unless it is asked for.
     """
-    if kernel != "xla":
-        from samgs_optax import _pallas_samgs
+    if kernel == "xla":  # the tree at once, as before the kernel existed
+        new = jax.tree.map(lambda gl, ml: _ema(gl, ml, b1), g, m)
+        out = jax.tree.map(lambda gl, ml: _combine(gl, ml, a, c), g, new)
+        return (optax.tree.cast(new, m_dtype) if m_dtype is not None else new), out
+    from samgs_optax import _pallas_samgs
 
     def leaf(gl: jax.Array, ml: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if kernel == "xla" or gl.size == 0:
+        if gl.size == 0:
             new = _ema(gl, ml, b1)
             return new.astype(m_dtype or new.dtype), _combine(gl, new, a, c)
         interpret = kernel == "interpret"

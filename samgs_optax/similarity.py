@@ -34,10 +34,11 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
     :math:`f \in [0.5, 1)`; if some flagged task has :math:`m_k > 0`, one more
     for :math:`\hat s_k = \sum (g_k 2^{-e_k})^2` and :math:`n_k = 2^{e_k}
     \sqrt{\hat s_k}` (powers of two are exact). Tasks in range keep the
-    first pass's value bit for bit. Cost: none beyond a K-element test when every
-    task is in range (measured at noise level on CPU); one pass more when a task
-    is exactly zero, two when one is tiny or huge (under ``jax.vmap`` both
-    branches run). Per task, so unlike the Gramian's common scale even a task
+    first pass's value bit for bit. Cost when every task is in range: a K-element
+    test and the ``lax.cond`` (about 6 us a call on 2 CPU cores, a few per cent of a
+    SAM-GS step at D <= 1e5, 1-2% beyond; ``docs/performance.md``); one pass more
+    when a task is exactly zero, two when one is tiny or huge (under ``jax.vmap``
+    both branches run). Per task, so unlike the Gramian's common scale even a task
     1e-30 times smaller than the others keeps its norm. Entries below 1.2e-38
     are flushed on CPU before any scaling can help.
     """
@@ -52,10 +53,13 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
         return jnp.sqrt(sq)
 
     lo, hi = gramian_range(sum(math.prod(x.shape[1:]) for x in leaves), dtype)
-    flagged = ~((sq >= lo) & (sq <= hi))  # NaN is flagged too
     info = jnp.finfo(dtype)
 
-    def rescaled():
+    def out_of_range(sq):
+        return ~((sq >= lo) & (sq <= hi))  # NaN is flagged too
+
+    def rescaled(sq):
+        flagged = out_of_range(sq)
         big = jnp.max(
             jnp.stack([jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim))) for x in leaves]), 0
         )
@@ -70,12 +74,11 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
 
         # Exactly-zero tasks (m_k = 0) need no second pass.
         sq_hat = jax.lax.cond(jnp.any(usable), scaled_sum, lambda: sq)
-        return jnp.where(usable, sq_hat, sq), e
+        rescaled_norms = pow2_scale(jnp.sqrt(jnp.where(usable, sq_hat, sq)), e)
+        return jnp.where(flagged, rescaled_norms, jnp.sqrt(sq))
 
-    sq_hat, e = jax.lax.cond(
-        jnp.any(flagged), rescaled, lambda: (sq, jnp.zeros(sq.shape, jnp.int32))
-    )
-    return jnp.where(flagged, pow2_scale(jnp.sqrt(sq_hat), e), jnp.sqrt(sq))
+    # The common case (every task in range) adds one K-element test and the cond.
+    return jax.lax.cond(jnp.any(out_of_range(sq)), rescaled, jnp.sqrt, sq)
 
 
 def pairwise_similarity(norms: jax.Array) -> jax.Array:

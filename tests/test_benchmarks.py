@@ -112,6 +112,18 @@ def test_bench_passes_quick_runs():
     assert "step x" in proc.stdout and "blocked 16384 x" in proc.stdout, proc.stdout
 
 
+def test_bench_update_times_both_implementations():
+    """The GPU session's command, tiny: XLA and the Pallas kernel (interpreted on CPU)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_update.py"), "--implementation", "both",
+         "--ks", "2", "--ds", "5000", "--budget", "0.1", "--allocators", "glibc", "--no-write"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "K=  2" in line and " xla " in line and "| pallas" in line and "vs xla" in line, line
+
+
 def test_bench_trainer_vs_authors_quick_runs_without_torch():
     """The JAX side on whatever backend it finds; PyTorch absent is not an error."""
     env = dict(os.environ, SAMGS_TORCH_PYTHON="/nonexistent/python")
