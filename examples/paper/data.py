@@ -23,7 +23,7 @@ Batches are dicts of NHWC NumPy arrays: ``image`` float32 ``(B, H, W, 3)``; dens
 float32 ``(B, H, W, 3)``; CelebA adds ``attributes`` float32 ``(B, 40)`` in {0, 1}.
 
 A split is loaded once into memory (float32, labels int8, CelebA images uint8: NYU-v2 train
-2.6 GB, CityScapes train 2.0 GB, CelebA train 2.0 GB); a batch is then one fancy-indexing
+2.6 GB, CityScapes train 1.7 GB, CelebA train 2.0 GB); a batch is then one fancy-indexing
 gather per array plus the vectorised augmentation, and ``prefetch`` runs the batch assembly
 in a background thread. ``python examples/paper/data.py --bench DATASET`` measures it.
 
