@@ -375,6 +375,22 @@ def test_epoch_batches_apply_the_augmentation_per_batch():
     assert any(not np.array_equal(a["image"], p["image"]) for a, p in zip(aug, plain, strict=True))
 
 
+def test_prefetched_augmented_batches_equal_the_direct_ones_and_reach_the_device():
+    jax = pytest.importorskip("jax")
+    data = pd.synthetic_dense(SMALL_NYU, 5)
+
+    def stream():
+        return pd.epoch_batches(data, 2, epoch=1, seed=3, augment=pd.random_scale_crop_flip)
+
+    direct = list(stream())
+    fetched = list(pd.prefetch(stream(), size=2, transfer=jax.device_put))
+    assert len(fetched) == len(direct) == 3
+    for a, b in zip(fetched, direct, strict=True):
+        assert isinstance(a["image"], jax.Array)
+        for key in b:
+            np.testing.assert_array_equal(np.asarray(a[key]), b[key])
+
+
 def test_load_split_synthetic_sources_and_errors():
     nyu = pd.load_split("nyuv2", "train", synthetic=2)
     assert nyu["normal"].shape == (2, 288, 384, 3) and nyu["label"].dtype == np.int8
