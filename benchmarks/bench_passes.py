@@ -15,12 +15,15 @@ numpy's memcpy and an XLA elementwise copy into a donated buffer). It also times
 passes 2 and 3 done block by block in a ``fori_loop`` (each block of g and m
 read from memory once, then re-read from cache), which is how one would try to
 save the second read without a multi-output fusion; that variant is checked to
-give the same u and m first.
+give the same u and m first. Last, it times the step with plain norms
+(``task_norms(rescale=False)``, the library before the range fallback) beside the
+step, to show what the fallback's test and ``lax.cond`` cost when they do not run.
 
 Usage::
 
     python benchmarks/bench_passes.py           # writes its section of RESULTS.md
     python benchmarks/bench_passes.py --quick   # a smoke run, no RESULTS.md
+    python benchmarks/bench_passes.py --ks 2,10 --ds 1048576 --no-write
 """
 
 from __future__ import annotations
@@ -68,6 +71,28 @@ def blocked_moments_and_output(T: int):
     return run
 
 
+def plain_norms_step(k: int, params: dict, g_tree: dict):
+    """The jitted step traced with ``task_norms(rescale=False)``: no range fallback."""
+    import jax
+
+    samgs_module = importlib.import_module("samgs_optax.samgs")
+    original = samgs_module.task_norms
+    samgs_module.task_norms = lambda *a, **kw: original(*a, **{**kw, "rescale": False})
+    try:
+        tx = samgs_module.samgs(k)
+        step = jax.jit(tx.update, donate_argnums=(1,))
+        box = {"state": tx.init(params)}
+        _, box["state"] = step(g_tree, box["state"])  # traced (and cached) while patched
+    finally:
+        samgs_module.task_norms = original
+
+    def run():
+        u, box["state"] = step(g_tree, box["state"])
+        jax.block_until_ready((u, box["state"]))
+
+    return run
+
+
 def measure(k: int, d: int, budget: float) -> dict:
     import jax
     import jax.numpy as jnp
@@ -108,6 +133,8 @@ def measure(k: int, d: int, budget: float) -> dict:
     def run_step():
         u, box["state"] = step(g_tree, box["state"])
         jax.block_until_ready((u, box["state"]))
+
+    run_plain = plain_norms_step(k, params, g_tree)
 
     def run_norms():
         norms(g).block_until_ready()
@@ -158,6 +185,11 @@ def measure(k: int, d: int, budget: float) -> dict:
     passes = t["norms"] + t["moments"] + t["output"]
     out["passes_ms"] = 1e3 * float(np.median(passes))
     out["passes_vs_step"] = _common.median_ratio(passes, t["step"])
+    # The fallback's cost, timed apart: in the cyclic order above a step placed after the
+    # output pass would find g in cache. Two functions alternate symmetrically.
+    ab = _common.interleaved({"step": run_step, "plain": run_plain}, rounds=4 * rounds)
+    out["step_vs_plain_norms"] = _common.median_ratio(ab["step"], ab["plain"])
+    out["step_minus_plain_us"] = 1e6 * float(np.median(ab["step"] - ab["plain"]))
     out["moments_output_vs_copy"] = _common.median_ratio(
         t["moments"] + t["output"], floor("passes 2+3")
     )
@@ -178,11 +210,12 @@ def report(rows: list[dict], args: argparse.Namespace, load_start: str) -> str:
         "step 3KD + D floats, norms KD, moments 3KD, output 2KD + D, passes 2+3 3KD + D). "
         "`passes / step`: the three passes run as separate programs, over the whole step. "
         "`blocked T`: passes 2 and 3 as a `fori_loop` over blocks of T columns, against "
-        "the copy floor of passes 2+3.",
+        "the copy floor of passes 2+3. `step / plain norms`: the step against the same step "
+        "with `task_norms(rescale=False)` (no range fallback), and the median difference.",
         "",
     ]
     header = ["K", "D", "step ms", "step x copy", "norms x copy", "moments x copy"]
-    header += ["output x copy", "passes / step", "passes 2+3 x copy"]
+    header += ["output x copy", "passes / step", "passes 2+3 x copy", "step / plain norms"]
     header += [f"blocked {t} x copy" for t in BLOCKS]
     table = []
     for r in rows:
@@ -196,6 +229,7 @@ def report(rows: list[dict], args: argparse.Namespace, load_start: str) -> str:
             f"{r['output_vs_copy']:.2f}",
             f"{r['passes_vs_step']:.2f}",
             f"{r['moments_output_vs_copy']:.2f}",
+            f"{r['step_vs_plain_norms']:.3f} ({r['step_minus_plain_us']:+.0f} us)",
         ]
         for t in BLOCKS:
             key = f"blocked_{t}_vs_copy"
@@ -205,12 +239,19 @@ def report(rows: list[dict], args: argparse.Namespace, load_start: str) -> str:
     return "\n".join(lines)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(float(x)) for x in text.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small config, no RESULTS.md")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per config")
+    parser.add_argument("--ks", type=_ints, default=KS, help="comma list of K")
+    parser.add_argument("--ds", type=_ints, default=DS, help="comma list of D")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
-    ks, ds = ((2,), (1 << 18,)) if args.quick else (KS, DS)
+    ks, ds = ((2,), (1 << 18,)) if args.quick else (args.ks, args.ds)
     load_start = _common.load()
     rows = []
     for k in ks:
@@ -226,10 +267,12 @@ def main() -> None:
                 f"K={k:3d} D={d:9d}  step x{r['step_vs_copy']:.2f}  norms x{r['norms_vs_copy']:.2f}"
                 f"  moments x{r['moments_vs_copy']:.2f}  output x{r['output_vs_copy']:.2f}"
                 f"  passes/step {r['passes_vs_step']:.2f}"
-                f"  passes 2+3 x{r['moments_output_vs_copy']:.2f}  {blocked}",
+                f"  passes 2+3 x{r['moments_output_vs_copy']:.2f}  {blocked}"
+                f"  step/plain norms {r['step_vs_plain_norms']:.3f}"
+                f" ({r['step_minus_plain_us']:+.0f} us)",
                 flush=True,
             )
-    if not args.quick:
+    if not (args.quick or args.no_write):
         _common.write_section("bench_passes", report(rows, args, load_start))
         print(f"wrote {_common.RESULTS}")
 
