@@ -112,7 +112,7 @@ def samgs(
     tested). A task whose plain sum of squares under- or overflows is
     recomputed inside a ``lax.cond``: in the common case the step still makes
     one pass over g for the norms, then the fused moments-and-output pass (the
-    test and the cond cost about 6 us on CPU); the fallback reads g twice
+    test and the cond cost a few microseconds); the fallback reads g twice
     more (under ``jax.vmap`` the cond becomes a select and both sides run).
     The equalisation branch is homogeneous of degree 1 in the gradients' scale
     and the momentum branch of degree 2: its update overflows (or underflows)
@@ -140,7 +140,7 @@ def samgs(
         interpreter, for testing only (slow); not for TPU; not measured on a
         GPU yet. ``"auto"`` (default): per platform from
         :data:`AUTO_IMPLEMENTATION`, today ``"xla"`` on every platform. Both
-        agree to rounding (1 ulp, ``tests/test_pallas.py``).
+        agree to rounding (``tests/test_pallas.py``; ``docs/performance.md``).
 
     Returns:
       An ``optax.GradientTransformation``; its state is a :class:`SamgsState`.
