@@ -169,6 +169,15 @@ def samgs_step():
     return graphdef, state, tx.init(nnx.state(model, nnx.Param)), step
 
 
+@pytest.mark.parametrize("method", ["ls", *samgs_optax.AGGREGATORS])
+def test_every_method_builds_and_initialises_its_optimizer(method):
+    cfg = train.Config("cityscapes", method=method, synthetic=True).resolved()
+    tx, per_task, note = train.build_optimizer(cfg, steps=3)
+    assert per_task == (method != "ls") and "Adam(0.0001, x0.5 every 100 epochs)" in note
+    params = nnx.state(_TinyTwoTask(rngs=nnx.Rngs(0)), nnx.Param)
+    assert jax.tree.leaves(tx.init(params))
+
+
 def test_step_moves_batchnorm_statistics_once(samgs_step):
     """SAM-GS's K task gradients come from one forward pass: the BatchNorm statistics after a
     step equal those of one training-mode forward pass, not of K."""

@@ -104,13 +104,16 @@ QUICK: dict[str, dict[str, Any]] = {
     "cityscapes": dict(epochs=2, batch_size=2, n_train=4, n_val=2, image_size=(32, 64)),
     "celeba": dict(epochs=2, batch_size=8, n_train=16, n_val=8, n_test=8),
 }
-# Aggregator options from the authors' experiments/*/conf/optimization/*.yaml.
+# Aggregator options from the authors' experiments/*/conf/optimization/*.yaml. Their
+# `max_norm: 1.0` (Nash-MTL, Aligned-MTL, GradDrop) is the recipe's clip (Config.max_norm);
+# samgs_optax.nash_mtl's own max_norm keeps its default, 1.0.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "cagrad": {"c": 0.5, "rescale": 1},
-    "nash_mtl": {"max_norm": 1.0, "update_weights_every": 1, "optim_niter": 20},
+    "nash_mtl": {"update_weights_every": 1, "optim_niter": 20},
     "aligned_mtl": {"scale_mode": "min"},
 }
 LAST_EPOCHS = 10  # NYU-v2 / CityScapes: report the mean over the last 10 epochs
+MANY_TASKS_UNROLL = 8  # CelebA on an accelerator: backward passes unrolled per loop step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,7 @@ class Config:
     steps_per_epoch: int | None = None  # cap (smoke runs)
     width_divisor: int = 1  # dense: SegNet widths / this (CPU smoke tests; not the paper's)
     jac_mode: str = "auto"  # samgs_optax.value_and_jacrev mode; see jacobian_mode
+    jac_unroll: int | None = None  # its unroll (sequential mode); see jacobian_mode
 
     def resolved(self) -> Config:
         """A copy with every recipe default filled in and the options checked."""
@@ -323,8 +327,13 @@ def train_batches(cfg: Config, arrays: Mapping[str, np.ndarray], epoch: int) -> 
 
 
 def eval_batches(cfg: Config, arrays: Mapping[str, np.ndarray]) -> Iterator[Batch]:
+    """The split in order, in evaluation batches: images on the device, targets on the host."""
     batches = data.epoch_batches(arrays, cfg.eval_batch_size, shuffle=False)
-    return data.prefetch(batches, size=4, transfer=jax.device_put)
+    return data.prefetch(batches, size=4, transfer=_images_to_device)
+
+
+def _images_to_device(batch: Batch) -> Batch:
+    return {**batch, "image": jax.device_put(batch["image"])}
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +404,7 @@ def make_train_step(
     *,
     per_task: bool,
     jac_mode: str = "auto",
+    jac_unroll: int = samgs_optax.jacobian.SEQUENTIAL_UNROLL,
 ) -> Callable[..., tuple[nnx.State, PyTree, jax.Array]]:
     """Jitted ``step(state, opt_state, batch) -> (state, opt_state, losses)``.
 
@@ -411,7 +421,7 @@ def make_train_step(
     def step(state: nnx.State, opt_state: PyTree, batch: Batch):
         model = nnx.merge(graphdef, state)
         if per_task:
-            grad_fn = samgs_optax.nnx.value_and_jacrev(loss_fn, mode=jac_mode)
+            grad_fn = samgs_optax.nnx.value_and_jacrev(loss_fn, mode=jac_mode, unroll=jac_unroll)
             losses, grads = grad_fn(model, batch)
         else:
             (_, losses), grads = nnx.value_and_grad(summed, has_aux=True)(model, batch)
@@ -450,11 +460,10 @@ def evaluate_dense(
     evaluator = metrics.DenseEvaluator(num_classes)
     for batch in eval_batches(cfg, arrays):
         out = jax.device_get(predict(state, batch["image"]))
-        target = jax.device_get(batch)
         evaluator.update(
-            seg=(out["segmentation"], target["label"]) if "segmentation" in out else None,
-            depth=(out["depth"], target["depth"]) if "depth" in out else None,
-            normal=(out["normal"], target["normal"]) if "normal" in out else None,
+            seg=(out["segmentation"], batch["label"]) if "segmentation" in out else None,
+            depth=(out["depth"], batch["depth"]) if "depth" in out else None,
+            normal=(out["normal"], batch["normal"]) if "normal" in out else None,
         )
     return evaluator.compute()
 
@@ -467,7 +476,7 @@ def evaluate_celeba(
     counts = metrics.F1Counts(len(columns))
     for batch in eval_batches(cfg, arrays):
         probs = jax.device_get(predict(state, batch["image"]))
-        counts.update(probs, jax.device_get(batch["attributes"])[:, columns])
+        counts.update(probs, batch["attributes"][:, columns])
     return counts.compute()
 
 
@@ -561,17 +570,23 @@ class Setup:
     predict: Callable[..., Any]
 
 
-def jacobian_mode(cfg: Config) -> str:
-    """``cfg.jac_mode``, except that ``auto`` picks ``jacrev`` beyond 32 tasks (CelebA).
+def jacobian_mode(cfg: Config) -> tuple[str, int]:
+    """``(mode, unroll)`` of ``samgs_optax.nnx.value_and_jacrev`` for the run.
 
-    The library's ``auto`` runs ``sequential`` on CPU, whose VJPs beyond
-    ``samgs_optax.jacobian.SEQUENTIAL_UNROLL`` (32) go into a loop where XLA:CPU's
-    convolution weight gradients are very slow (a CelebA step of batch 8: 179 s, against
-    7 s with ``jacrev``); on GPU ``auto`` is ``jacrev`` anyway.
+    ``--jac-mode`` / ``--jac-unroll`` when given. Otherwise the library's ``auto``
+    (``sequential`` on CPU, ``jacrev`` on GPU), except beyond 32 tasks (CelebA's 40):
+    ``jacrev``'s batched backward keeps 40 backward passes' intermediates (XLA plans 131 GB
+    of temporaries for a batch of 256), so on an accelerator the tasks run ``sequential``,
+    :data:`MANY_TASKS_UNROLL` at a time; on CPU, where XLA:CPU runs convolution weight
+    gradients very slowly inside the loop that implies (a batch of 8: 179 s a step, against
+    7 s), ``jacrev``.
     """
-    if cfg.jac_mode == "auto" and len(run_tasks(cfg)) > samgs_optax.jacobian.SEQUENTIAL_UNROLL:
-        return "jacrev"
-    return cfg.jac_mode
+    unroll = cfg.jac_unroll or samgs_optax.jacobian.SEQUENTIAL_UNROLL
+    if cfg.jac_mode != "auto" or len(run_tasks(cfg)) <= samgs_optax.jacobian.SEQUENTIAL_UNROLL:
+        return cfg.jac_mode, unroll
+    if jax.default_backend() == "cpu":
+        return "jacrev", unroll
+    return "sequential", cfg.jac_unroll or MANY_TASKS_UNROLL
 
 
 def make_setup(cfg: Config, steps: int) -> Setup:
@@ -581,8 +596,9 @@ def make_setup(cfg: Config, steps: int) -> Setup:
     graphdef, initial = nnx.split(model)
     model.eval()
     graphdef_eval, _ = nnx.split(model)
+    mode, unroll = jacobian_mode(cfg)
     step = make_train_step(
-        graphdef, tx, make_loss_fn(cfg), per_task=per_task, jac_mode=jacobian_mode(cfg)
+        graphdef, tx, make_loss_fn(cfg), per_task=per_task, jac_mode=mode, jac_unroll=unroll
     )
     predict = make_predict(cfg, graphdef_eval)
     return Setup(graphdef, graphdef_eval, jax.device_get(initial), tx, note, step, predict)
@@ -843,6 +859,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         "--width-divisor", type=int, help="divide the SegNet widths (CPU smoke tests only)"
     )
     p.add_argument("--jac-mode", choices=("auto", "jacrev", "sequential", "vmap"))
+    p.add_argument("--jac-unroll", type=int, help="sequential mode: tasks per loop step")
     p.add_argument("--out-dir", default="checkpoints/paper", help="parent of the run dir")
     p.add_argument("--no-checkpoint", action="store_true", help="results.json only")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoints")
