@@ -257,13 +257,6 @@ def _stack(trees: list[PyTree]) -> PyTree:
 def _varying_like(cotangent: jax.Array, primal_out: jax.Array) -> jax.Array:
     """Marks ``cotangent`` as varying over the manual mesh axes ``primal_out`` varies over.
 
-    The differentiated arguments must hold floating-point (or complex) arrays
-    only, as ``jax.value_and_grad`` requires: an integer, boolean or PRNG-key leaf
-    raises ``TypeError`` naming it. A Flax NNX module is refused too (its batch
-    statistics and RNG counters would be "differentiated" and never updated): use
-    :func:`samgs_optax.nnx.value_and_jacrev`, or split the module and
-    differentiate its ``nnx.Param`` state.
-
     Inside ``jax.shard_map`` (with its default ``check_vma=True``) the losses of a
     sharded batch vary over the data axis, and a VJP requires a cotangent of the
     same type. As with ``jax.grad`` there, the gradients of replicated parameters
