@@ -1,6 +1,10 @@
-"""Shared test helpers: random stacked-gradient sequences and tree flattening."""
+"""Shared test helpers: random stacked-gradient sequences, tree flattening, example loading."""
 
 from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -65,3 +69,16 @@ def relative_error(got, want):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+PAPER_EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "paper"
+
+
+def load_paper_module(name: str):
+    """``examples/paper/{name}.py`` imported as module ``paper_{name}`` (registered in
+    ``sys.modules``, so the examples' own ``paper_*`` imports resolve to the same object)."""
+    spec = importlib.util.spec_from_file_location(f"paper_{name}", PAPER_EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
-import sys
 import threading
 
 import numpy as np
 import pytest
+from conftest import load_paper_module
 
-PAPER = os.path.join(os.path.dirname(__file__), "..", "examples", "paper")
 pytest.importorskip("PIL")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"paper_{name}", os.path.join(PAPER, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pd = _load("data")
+pd = load_paper_module("data")
 SMALL_NYU = dataclasses.replace(pd.NYUV2, height=12, width=16)
 
 

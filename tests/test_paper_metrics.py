@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
+from conftest import load_paper_module
 
-PAPER = os.path.join(os.path.dirname(__file__), "..", "examples", "paper")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"paper_{name}", os.path.join(PAPER, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pm = _load("metrics")
+pm = load_paper_module("metrics")
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ initialisers and, for the resume check, one compiled training step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 pytest.importorskip("PIL")
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("tqdm")
+from conftest import load_paper_module  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import samgs_optax  # noqa: E402
@@ -32,17 +32,7 @@ PAPER = os.path.join(os.path.dirname(__file__), "..", "examples", "paper")
 TRAIN_SCRIPT = os.path.join(PAPER, "train.py")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"paper_{name}", os.path.join(PAPER, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load("train")
+train = load_paper_module("train")
 models = train.models
 
 # Head parameters of the authors' models: per head conv 3x3 (64 -> 64) + conv 1x1 (64 -> n).
