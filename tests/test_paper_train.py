@@ -248,6 +248,8 @@ def test_resume_is_bit_identical_cityscapes(tmp_path, capsys):
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert resumed["metrics"] == straight["metrics"]
     assert list(straight["metrics"]) == list(train.metrics.CITYSCAPES_COLUMNS)
+    assert straight["paper"]["label"] == "LS"  # the paper's row next to ours
+    assert straight["paper"]["metrics"]["mean_iou"] == pytest.approx(0.71)
 
 
 def test_cli_quick_nyuv2_per_task_gradients(tmp_path, capsys):
@@ -277,6 +279,7 @@ def test_cli_quick_nyuv2_per_task_gradients(tmp_path, capsys):
     assert results["data"] == {"train": 4, "val": 2} and results["synthetic"]
     assert line["recipe"].startswith("linear_scalarization() on shared + clip(1)")
     assert results["epochs_used"] == [1, 2]
+    assert line["paper"] is None  # linear_scalarization: not a row of the paper
 
 
 def test_cli_quick_celeba_subprocess(tmp_path):
@@ -289,5 +292,6 @@ def test_cli_quick_celeba_subprocess(tmp_path):
     assert 0 <= line["metrics"]["f1_mean"] <= 1 and line["delta_m"] is None
     results = json.loads(open(line["results_path"]).read())
     assert results["epochs_done"] == 2 and len(results["history"]["test"]) == 2
+    assert line["paper"] == {"label": "LS", "metrics": {}, "mean_rank": None, "delta_m": 6.28}
     assert len(results["history"]["test"][0]) == 40
     assert results["params"]["total"] == models.AUTHOR_PARAM_COUNTS[("celeba", "cnn")]

@@ -31,7 +31,7 @@ Conventions kept from the authors' code (``docs/paper_benchmarks.md`` lists them
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -327,6 +327,26 @@ def delta_m(values: ArrayLike, base: ArrayLike, higher_is_better: ArrayLike) -> 
     if not m.shape == b.shape == sign.shape or m.ndim != 1:
         raise ValueError(f"values {m.shape}, base {b.shape}, higher_is_better {sign.shape}: (K,)")
     return float(np.mean(sign * (m - b) / b) * 100.0)
+
+
+def delta_m_against_authors(dataset: str, values: Mapping[str, float]) -> float | None:
+    """Eq. 4 (%) of ``values`` (column -> number) against the authors' single-task baselines.
+
+    Over the columns present in ``values`` (a single-task run has its task's only); None for
+    CelebA (the authors' code has no single-task F1 baseline) or when no column is present.
+    """
+    if dataset == "celeba":
+        return None
+    columns, base, higher = {
+        "nyuv2": (NYUV2_COLUMNS, NYUV2_STL_BASE, NYUV2_HIGHER_IS_BETTER),
+        "cityscapes": (CITYSCAPES_COLUMNS, CITYSCAPES_STL_BASE, CITYSCAPES_HIGHER_IS_BETTER),
+    }[dataset]
+    keep = [i for i, c in enumerate(columns) if c in values]
+    if not keep:
+        return None
+    return delta_m(
+        [values[columns[i]] for i in keep], [base[i] for i in keep], [higher[i] for i in keep]
+    )
 
 
 def _ranks(column: np.ndarray) -> np.ndarray:

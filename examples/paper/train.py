@@ -33,6 +33,8 @@ CityScapes: the same with batch 8; CelebA: Adam 3e-4, batch 256, 15 epochs. Repo
 as the authors': NYU-v2 and CityScapes: the validation-split metrics averaged over the last 10
 epochs; CelebA: the test F1 at the epoch of best mean validation F1. ``delta_m`` (paper Eq. 4,
 %) is against the authors' single-task baselines (:mod:`metrics`); CelebA has none.
+``paper`` is the paper's row for the method (:mod:`reported`); ``table.py`` turns a set of
+runs into a table with means over seeds, Delta m and mean ranks.
 
 ``--synthetic`` trains on generated data of the exact shapes (``data.synthetic_dense`` /
 ``data.synthetic_celeba``); ``--quick`` shrinks everything for a smoke run on CPU
@@ -69,6 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
+import reported  # noqa: E402
 
 import samgs_optax  # noqa: E402
 
@@ -767,28 +770,6 @@ def final_metrics(cfg: Config, history: Mapping[str, Any], done: int) -> dict[st
     }
 
 
-def delta_m_against_authors(cfg: Config, values: Mapping[str, float]) -> float | None:
-    """Eq. 4 (%) against the authors' single-task baselines, over the columns present."""
-    if cfg.dataset == "celeba" or not values:
-        return None
-    if cfg.dataset == "nyuv2":
-        columns, base, higher = (
-            metrics.NYUV2_COLUMNS,
-            metrics.NYUV2_STL_BASE,
-            metrics.NYUV2_HIGHER_IS_BETTER,
-        )
-    else:
-        columns, base, higher = (
-            metrics.CITYSCAPES_COLUMNS,
-            metrics.CITYSCAPES_STL_BASE,
-            metrics.CITYSCAPES_HIGHER_IS_BETTER,
-        )
-    keep = [i for i, c in enumerate(columns) if c in values]
-    return metrics.delta_m(
-        [values[columns[i]] for i in keep], [base[i] for i in keep], [higher[i] for i in keep]
-    )
-
-
 def report(cfg: Config, setup: Setup, state: dict, splits: Mapping[str, Any]) -> dict[str, Any]:
     """The run's results (JSON-serialisable)."""
     done = int(state["epoch"])
@@ -802,7 +783,8 @@ def report(cfg: Config, setup: Setup, state: dict, splits: Mapping[str, Any]) ->
         "task": cfg.task,
         "seed": cfg.seed,
         "metrics": {k: _number(v) for k, v in final["metrics"].items()},
-        "delta_m": _number(delta_m_against_authors(cfg, final["metrics"])),
+        "delta_m": _number(metrics.delta_m_against_authors(cfg.dataset, final["metrics"])),
+        "paper": reported.paper_row(cfg.dataset, cfg.method),
         **{k: v for k, v in final.items() if k != "metrics"},
         "epochs_done": done,
         "epochs": cfg.epochs,
@@ -909,7 +891,7 @@ def main(argv: list[str] | None = None, *, cache: dict | None = None) -> dict[st
     result.pop("state")
     result["results_path"] = str(write_results(run_dir, result))
     keys = ("dataset", "method", "model", "task", "seed", "metrics", "delta_m", "best_epoch")
-    keys += ("epochs_done", "recipe", "state_sha256", "results_path")
+    keys += ("paper", "epochs_done", "recipe", "state_sha256", "results_path")
     line = {k: result[k] for k in keys if k in result}
     print(json.dumps(line), flush=True)
     return result
