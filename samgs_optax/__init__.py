@@ -5,7 +5,10 @@ task axis of length K, as :func:`value_and_jacrev` returns them) and produces
 one update shaped like the parameters, ready to chain with any optax optimizer.
 """
 
-from samgs_optax import nnx  # Flax NNX helpers; flax is imported only when they are called
+from samgs_optax import (
+    nnx,  # Flax NNX helpers; flax is imported only when they are called
+    scalarizers,  # loss scalarizers (UW, DWA, FAMO, ...): see its docstring
+)
 from samgs_optax.accumulation import MultiStepsState, has_updated, multi_steps
 from samgs_optax.aggregators import (
     AGGREGATOR_SPECS,
@@ -32,9 +35,11 @@ from samgs_optax.jacobian import value_and_jacrev
 from samgs_optax.masks import resolve_mask
 from samgs_optax.recipe import recipe
 from samgs_optax.samgs import SamgsState, samgs
+from samgs_optax.scalarizers import SCALARIZERS
 from samgs_optax.similarity import magnitude_similarity, pairwise_similarity, task_norms
 
 __all__ = [
+    "SCALARIZERS",
     "AGGREGATOR_SPECS",
     "AGGREGATORS",
     "AggregatorSpec",
@@ -67,6 +72,7 @@ __all__ = [
     "recipe",
     "resolve_mask",
     "samgs",
+    "scalarizers",
     "task_norms",
     "value_and_jacrev",
 ]

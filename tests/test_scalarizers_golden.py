@@ -169,13 +169,17 @@ def _method(case: str) -> str:
 
 @pytest.fixture(scope="module")
 def errors(golden):
+    return measure(golden)
+
+
+def measure(golden) -> dict[tuple[str, type], float]:
     """Worst relative error per (method, dtype) over every quantity, K and option set."""
     worst: dict[tuple[str, type], float] = {}
     for dtype in (np.float32, np.float64):
         with jax.enable_x64(dtype == np.float64):
             for k in KS:
                 g = _case(golden, k, dtype)
-                for case, outputs in _runs(g, k).items():
+                for case, outputs in jax.jit(_runs, static_argnums=1)(g, k).items():
                     for quantity, ours in outputs.items():
                         assert np.asarray(ours).dtype == dtype, (case, quantity)
                         ref = np.asarray(golden[f"K{k}/{case}/{quantity}"])
@@ -202,3 +206,27 @@ def test_report_errors(errors):
             f"{method:16s} f32 {errors[(method, np.float32)]:.1e}"
             f"  f64 {errors[(method, np.float64)]:.1e}"
         )
+
+
+def table(errors: dict[tuple[str, type], float] | None = None) -> str:
+    """docs/scalarizers.md's table, from the registry (and the measured errors, if given)."""
+    lines = [
+        "| name | reference | TorchJD 0.18 | state | worst rel. error f32 / f64 |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in S.SCALARIZER_SPECS:
+        state = type(spec.factory(3, **spec.example(3)).init()).__name__
+        if not spec.torchjd:
+            agreement = "NumPy transcription (`tests/test_scalarizers.py`)"
+        elif errors is None:
+            agreement = "..."
+        else:
+            f32, f64 = errors[(spec.name, np.float32)], errors[(spec.name, np.float64)]
+            agreement = f"{f32:.1e} / {f64:.1e}"
+        torchjd = f"`{spec.torchjd}`" if spec.torchjd else "none"
+        lines.append(f"| `{spec.name}` | {spec.paper} | {torchjd} | `{state}` | {agreement} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # prints the table with freshly measured errors
+    print(table(measure(np.load(GOLDEN))))

@@ -133,7 +133,7 @@ def famo(
 
     def scalarize_fn(losses: chex.Array, state: FAMOState) -> ScalarizeResult:
         losses = check_losses(losses, num_tasks)
-        z = jax.nn.softmax(state.logits).astype(losses.dtype)
+        z = jax.lax.stop_gradient(jax.nn.softmax(state.logits)).astype(losses.dtype)
 
         def total_fn(v: jax.Array) -> jax.Array:
             d = shifted(v)
