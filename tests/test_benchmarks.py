@@ -135,3 +135,14 @@ def test_bench_trainer_vs_authors_quick_runs_without_torch():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("mlp  K= 2") and "ours" in line and "floor" in line, proc.stdout
+
+
+def test_bench_paper_quick_runs():
+    """examples/paper/train.py's step at CelebA's real image shape, timed (PyTorch not asked)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_paper.py"), "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("celeba:cnn:ls:8") and "s/step" in line and "GFLOP" in line, line
