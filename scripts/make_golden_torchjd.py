@@ -7,7 +7,8 @@ with the ``full`` extra)::
 
     python3 -m venv /tmp/venv-torch
     /tmp/venv-torch/bin/pip install torch==2.13.0 "torchjd[full]==0.18.0"
-    /tmp/venv-torch/bin/python scripts/make_golden_torchjd.py
+    /tmp/venv-torch/bin/python scripts/make_golden_torchjd.py           # keeps stored entries
+    /tmp/venv-torch/bin/python scripts/make_golden_torchjd.py --fresh   # rewrites them all
 
 What is stored, for every case (K in {2, 3, 5, 10}, three matrices each, 24
 columns, rows with conflicting directions and norms spread over two orders of
@@ -28,7 +29,26 @@ magnitude), under keys ``"<case>/<name>"``:
 * ``graddrop_square``: ``GradDrop(f=square)`` with the same draws (the torch RNG
   state is restored around it, so every other entry is as without it).
 
-Randomness: NumPy ``default_rng(20250611)`` for the matrices, ``torch.manual_seed(0)``.
+Added for issue 12 (the stateless aggregators TorchJD 0.18 has and the first set
+lacked), computed in a second pass over the same matrices, after every entry
+above, with their own NumPy and torch seeds, so that the entries above are
+bit-identical to the file written before them:
+
+* ``constant_mean``: ``Constant(ones(K) / K)`` (our ``constant`` default);
+  ``constant`` with ``constant_weights`` (K,): ``Constant(w)``, w standard normal.
+* ``random`` with ``random_draws`` (K,): ``Random()`` and the ``torch.randn``
+  draw it made (recorded like ``pcgrad_perms``).
+* ``trimmed_mean_t{t}``: ``TrimmedMean(t)`` for every allowed t (2t + 1 <= K).
+* ``krum_f{f}_m{m}``: ``Krum(f, m)`` for f in {0, (K-3)//2, K-3} and m in {1, 2}
+  (K >= 3 only: TorchJD needs K >= f + 3).
+* ``config``: ``ConFIG()``; ``config_pref`` with ``config_pref_vector`` (K,):
+  ``ConFIG(pref_vector)``, the vector uniform in [0.2, 2].
+* ``fairgrad_a{alpha}`` and ``fairgrad_a{alpha}_weights`` for alpha in
+  ``FAIRGRAD_ALPHAS``: ``FairGrad(alpha)`` and the weights its SciPy least-squares
+  solve returned (``FairGradWeighting(alpha)`` on ``J J^T``).
+
+Randomness: NumPy ``default_rng(20250611)`` for the matrices, ``torch.manual_seed(0)``;
+for the issue-12 entries ``default_rng(12)`` and ``torch.manual_seed(12)``.
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -45,6 +66,7 @@ OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden"
 OUT_FILE = OUT / "torchjd_aggregators.npz"
 COLUMNS = 24
 CAGRAD_CS = (0.2, 0.5, 1.5)
+FAIRGRAD_ALPHAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 
 
 def make_matrices(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -122,6 +144,43 @@ def _recording(name: str, aggregator, j: torch.Tensor):
         setattr(torch, name, saved)
 
 
+def stateless_issue_12(j_np: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The issue-12 entries for one (K, 24) float64 Jacobian (see the module docstring)."""
+    k = j_np.shape[0]
+    j = torch.from_numpy(j_np)
+    res = {"constant_mean": agg.Constant(torch.ones(k, dtype=j.dtype) / k)(j)}
+    weights = rng.normal(size=k)
+    res["constant_weights"] = weights
+    res["constant"] = agg.Constant(torch.from_numpy(weights))(j)
+
+    res["random"], (draw,) = _recording("randn", agg.Random(), j)
+    res["random_draws"] = draw.numpy()
+
+    for t in range((k - 1) // 2 + 1):
+        res[f"trimmed_mean_t{t}"] = agg.TrimmedMean(trim_number=t)(j)
+    if k >= 3:
+        for f in sorted({0, (k - 3) // 2, k - 3}):
+            for m in (1, 2):
+                res[f"krum_f{f}_m{m}"] = agg.Krum(n_byzantine=f, n_selected=m)(j)
+
+    res["config"] = agg.ConFIG()(j)
+    pref = rng.uniform(0.2, 2.0, size=k)
+    res["config_pref_vector"] = pref
+    res["config_pref"] = agg.ConFIG(pref_vector=torch.from_numpy(pref))(j)
+
+    gram = j @ j.T
+    for alpha in FAIRGRAD_ALPHAS:
+        res[f"fairgrad_a{alpha}"] = agg.FairGrad(alpha=alpha)(j)
+        res[f"fairgrad_a{alpha}_weights"] = agg.FairGradWeighting(alpha=alpha)(gram)
+    return res
+
+
+def _store(out: dict[str, np.ndarray], name: str, res: dict) -> None:
+    for key, value in res.items():
+        arr = value.detach().numpy() if isinstance(value, torch.Tensor) else value
+        out[f"{name}/{key}"] = np.asarray(arr)
+
+
 def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(20250611)
@@ -159,10 +218,21 @@ def main() -> None:
         torch.set_rng_state(after)
         assert torch.equal(again, uniform), "GradDrop(f) must reuse the draws"
 
-        for key, value in res.items():
-            arr = value.detach().numpy() if isinstance(value, torch.Tensor) else value
-            out[f"{name}/{key}"] = np.asarray(arr)
+        _store(out, name, res)
         print(f"{name}: K={k}")
+
+    # Entries already in the file are kept bit for bit: the file was first written with
+    # another NumPy build, and a fresh run here differs from it by about one ulp in some
+    # entries (63 of 218, e.g. 5.6e-17 in K2_opposed/J). --fresh rewrites everything.
+    if OUT_FILE.exists() and "--fresh" not in sys.argv:
+        with np.load(OUT_FILE) as kept:
+            out.update({key: kept[key] for key in kept.files if key in out})
+
+    # Issue 12, after everything above: the same (stored) matrices, their own seeds.
+    torch.manual_seed(12)
+    rng12 = np.random.default_rng(12)
+    for name in make_matrices(np.random.default_rng(20250611)):
+        _store(out, name, stateless_issue_12(out[f"{name}/J"], rng12))
     OUT.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT_FILE, **out)
     print(f"wrote {OUT_FILE} ({OUT_FILE.stat().st_size} bytes)")
