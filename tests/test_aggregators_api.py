@@ -25,6 +25,13 @@ METHODS = (
     "upgrad",
     "dualproj",
     "graddrop",
+    # Stateful methods of TorchJD 0.18 (issue 12).
+    "gradvac",
+    "pcd",
+    "cr_mogm",
+    "excess_mtl",
+    "modo",
+    "sdmgrad",
 )
 GRAMIAN_METHODS = tuple(m for m in METHODS if m != "graddrop")
 
@@ -159,7 +166,13 @@ def test_degenerate_inputs_values(outputs):
     np.testing.assert_allclose(out["identical"]["cagrad"], 1.5 * g, rtol=1e-2)  # g0 + c|g0| g/|g|
     np.testing.assert_allclose(out["identical"]["nash_mtl"], g / np.linalg.norm(g), rtol=1e-2)
     # Exactly opposite gradients: no direction helps both; these methods return 0.
-    for m in GRAMIAN_METHODS:
+    # PCD serves task 0 first: its constraint for g_2 = -g_1 gives -tau g_1, rescaled: -g_1.
+    np.testing.assert_allclose(out["opposite"]["pcd"], -g, rtol=1e-2, atol=1e-5)
+    # SDMGrad's inner SGD (lr 10 on A / mean diag, eigenvalue 2 along g_1 - g_2) is unstable
+    # there: the rounding of A w (FMA) decides which vertex it reaches; still a multiple of g.
+    sdm = out["opposite"]["sdmgrad"]
+    np.testing.assert_allclose(sdm, (sdm @ g) / (g @ g) * g, rtol=1e-2, atol=1e-5 * scale)
+    for m in set(GRAMIAN_METHODS) - {"pcd", "sdmgrad"}:
         assert np.abs(out["opposite"][m]).max() <= 1e-5 * scale, (m, out["opposite"][m])
     # A zero task gradient makes the point Pareto-stationary: MGDA and CAGrad stop.
     assert np.abs(out["one_zero"]["mgda"]).max() <= 1e-5 * scale
@@ -328,6 +341,24 @@ def test_bad_inputs_raise_like_samgs(method):
         ("graddrop", {"leak": [0.1]}, ValueError),
         ("graddrop", {"leak": [0.1, 1.5]}, ValueError),
         ("graddrop", {"purity_fn": 0.5}, TypeError),
+        ("gradvac", {"beta": 1.5}, ValueError),
+        ("gradvac", {"eps": -1.0}, ValueError),
+        ("pcd", {"tau": 1.5}, ValueError),
+        ("pcd", {"tau": [0.1, 0.2]}, ValueError),
+        ("pcd", {"beta": 1.0}, ValueError),
+        ("cr_mogm", {"weighting": "nope"}, ValueError),
+        ("cr_mogm", {"weighting": 3}, TypeError),
+        ("cr_mogm", {"weighting": "mgda", "c": 0.5}, TypeError),
+        ("cr_mogm", {"alpha": 2.0}, ValueError),
+        ("cr_mogm", {"initial_weights": [1.0]}, ValueError),
+        ("excess_mtl", {"robust_step_size": 0.0}, ValueError),
+        ("excess_mtl", {"n_warmup_steps": -1}, ValueError),
+        ("modo", {"gamma": 0.0}, ValueError),
+        ("modo", {"rho": -1.0}, ValueError),
+        ("modo", {"num_batches": 4}, ValueError),
+        ("sdmgrad", {"momentum": 1.0}, ValueError),
+        ("sdmgrad", {"n_iter": 0}, ValueError),
+        ("sdmgrad", {"pref_vector": [1.0]}, ValueError),
     ],
 )
 def test_bad_options_raise(method, options, error):

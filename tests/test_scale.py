@@ -12,6 +12,11 @@ Expected scale behaviour, by method (``u(J)`` the update for J):
 - ``upgrad``, ``dualproj``: ``c u(J)`` unless the true trace ``c^2 tr(JJ^T)`` is
   below ``norm_eps`` (then the mean gradient); ``cagrad``: then 0;
 - ``nash_mtl``: ``u(cJ) = u(J)`` (alpha scales as 1/c);
+- ``cr_mogm`` (around ``upgrad``): as ``upgrad``; ``gradvac``, ``pcd``: homogeneous
+  with ``eps=0``, and with the default ``eps`` wherever it is negligible;
+  ``excess_mtl``, ``modo``: the mean for tiny c, one task's gradient (a vertex
+  of the simplex) for huge c; ``sdmgrad``: homogeneous unless c is so small that
+  its absolute 1e-8 dominates (then the mean);
 - ``samgs``: Psi and h are scale-free (its per-task norms are rescaled), the
   equalisation branch is homogeneous of degree 1, the momentum branch of degree 2.
 """
@@ -32,7 +37,10 @@ from samgs_optax.similarity import task_norms
 K, D = 3, 30
 SCALES = (1e-20, 1e-30, 1e17, 1e20)
 HOMOGENEOUS = ("linear_scalarization", "graddrop", "pcgrad", "mgda", "imtl_g", "aligned_mtl")
-TRACE_EPS = ("upgrad", "dualproj", "cagrad")
+TRACE_EPS = ("upgrad", "dualproj", "cagrad", "cr_mogm")  # cr_mogm wraps upgrad by default
+# Issue 12's stateful methods with other absolute constants (see their tests below).
+ABSOLUTE_EPS = ("gradvac", "pcd")
+SATURATING = ("excess_mtl", "modo")
 
 
 def _jacobian(seed: int = 0, k: int = K, d: int = D) -> np.ndarray:
@@ -314,8 +322,52 @@ def test_samgs_momentum_scale(c):
         _assert_close(_flat(u_c), c * c * _flat(u), 1e-5, c)
 
 
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("name", ABSOLUTE_EPS)
+def test_absolute_eps_methods(name, c):
+    """GradVac and PCD: homogeneous with eps = 0 at every scale (their constants scaled with
+    the Gramian), and with the default eps = 1e-8 where it is negligible (c >= 1e17)."""
+    j = _jacobian()
+    step = _step(name, eps=0.0)
+    _assert_close(_flat(step(_scaled(j, c))[0]), c * _flat(step(j)[0]), 1e-5, (name, c))
+    if c > 1:
+        step = _step(name)
+        _assert_close(_flat(step(_scaled(j, c))[0]), c * _flat(step(j)[0]), 1e-5, (name, c))
+
+
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("name", SATURATING)
+def test_saturating_methods(name, c):
+    """ExcessMTL and MoDo step in absolute units: for tiny c nothing moves the uniform weights
+    (the mean); for huge c the first step lands on a vertex, finite: the task with the largest
+    excess risk (sum |g_i|, g_i^2 >> 1e-7) or the smallest (G 1/K)_i, from float64 NumPy."""
+    jc = _scaled(_jacobian(), c)
+    got = _flat(_step(name)(jc)[0])
+    j64 = jc.astype(np.float64)
+    if c < 1:
+        _assert_close(got, j64.mean(axis=0), 1e-6, (name, c))
+    else:
+        i = (
+            np.argmax(np.abs(j64).sum(1))
+            if name == "excess_mtl"
+            else np.argmin((j64 @ j64.T).sum(1))
+        )
+        _assert_close(got, j64[i], 1e-6, (name, c))
+
+
+@pytest.mark.parametrize("c", SCALES)
+def test_sdmgrad_scale(c):
+    """Normalised by its mean diagonal: homogeneous, unless c^2 ||g||^2 is far below the
+    absolute 1e-8 added to it (then the weights stay uniform: the mean)."""
+    j = _jacobian()
+    jc = _scaled(j, c)
+    step = _step("sdmgrad")
+    want = c * _flat(step(j)[0]) if c > 1 else jc.astype(np.float64).mean(axis=0)
+    _assert_close(_flat(step(jc)[0]), want, 1e-5, c)
+
+
 def test_every_aggregator_is_covered():
-    covered = {*HOMOGENEOUS, *TRACE_EPS, "nash_mtl", "samgs"}
+    covered = {*HOMOGENEOUS, *TRACE_EPS, *ABSOLUTE_EPS, *SATURATING, "sdmgrad", "nash_mtl", "samgs"}
     assert covered == set(samgs_optax.AGGREGATORS)
 
 

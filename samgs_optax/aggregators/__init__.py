@@ -33,13 +33,24 @@ import optax
 
 from samgs_optax.aggregators.aligned_mtl import aligned_mtl, aligned_mtl_weights
 from samgs_optax.aggregators.cagrad import cagrad, cagrad_weights
+from samgs_optax.aggregators.cr_mogm import CRMOGMState, cr_mogm
 from samgs_optax.aggregators.dualproj import dualproj, dualproj_weights
+from samgs_optax.aggregators.excess_mtl import ExcessMTLState, excess_mtl, excess_risks
 from samgs_optax.aggregators.graddrop import GradDropState, graddrop, graddrop_leaf
+from samgs_optax.aggregators.gradvac import (
+    GradVacState,
+    gradvac,
+    gradvac_orders,
+    gradvac_weights,
+)
 from samgs_optax.aggregators.imtl_g import imtl_g, imtl_g_weights
 from samgs_optax.aggregators.linear_scalarization import linear_scalarization
 from samgs_optax.aggregators.mgda import mgda, mgda_weights
+from samgs_optax.aggregators.modo import MoDoState, modo, modo_weights, project_onto_simplex
 from samgs_optax.aggregators.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
+from samgs_optax.aggregators.pcd import PCDState, pcd, pcd_qp_weights, pcd_weights
 from samgs_optax.aggregators.pcgrad import PCGradState, pcgrad, pcgrad_weights
+from samgs_optax.aggregators.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from samgs_optax.aggregators.upgrad import upgrad, upgrad_weights
 from samgs_optax.samgs import samgs
 
@@ -117,6 +128,22 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
     AggregatorSpec(
         "graddrop", graddrop, False, "a sum over tasks; the authors' GradDrop: mean times K"
     ),
+    # Stateful methods of TorchJD 0.18 (issue 12).
+    AggregatorSpec(
+        "gradvac", gradvac, False, "a sum over tasks of the corrected gradients, as PCGrad"
+    ),
+    AggregatorSpec("pcd", pcd, True, "mean-sized (rescaled to the primary gradient's norm)"),
+    AggregatorSpec(
+        "cr_mogm",
+        cr_mogm,
+        True,
+        "mean-sized (a moving average of a mean-sized weighting's weights)",
+    ),
+    AggregatorSpec("excess_mtl", excess_mtl, True, "mean-sized (weights on the simplex)"),
+    AggregatorSpec("modo", modo, True, "mean-sized (weights on the simplex)"),
+    AggregatorSpec(
+        "sdmgrad", sdmgrad, True, "mean-sized (simplex weights and preference, over 1 + lambda)"
+    ),
 )
 """Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
 
@@ -142,27 +169,47 @@ __all__ = [
     "AGGREGATORS",
     "AGGREGATOR_SPECS",
     "AggregatorSpec",
+    "CRMOGMState",
+    "ExcessMTLState",
     "GradDropState",
+    "GradVacState",
+    "MoDoState",
     "NashMTLState",
+    "PCDState",
     "PCGradState",
+    "SDMGradState",
     "aggregator_spec",
     "aligned_mtl",
     "aligned_mtl_weights",
     "cagrad",
     "cagrad_weights",
+    "cr_mogm",
     "dualproj",
     "dualproj_weights",
+    "excess_mtl",
+    "excess_risks",
     "graddrop",
     "graddrop_leaf",
+    "gradvac",
+    "gradvac_orders",
+    "gradvac_weights",
     "imtl_g",
     "imtl_g_weights",
     "linear_scalarization",
     "mgda",
     "mgda_weights",
+    "modo",
+    "modo_weights",
     "nash_mtl",
     "nash_mtl_weights",
+    "pcd",
+    "pcd_qp_weights",
+    "pcd_weights",
     "pcgrad",
     "pcgrad_weights",
+    "project_onto_simplex",
+    "sdmgrad",
+    "sdmgrad_weights",
     "upgrad",
     "upgrad_weights",
 ]
