@@ -321,6 +321,23 @@ def test_cr_mogm_moving_average_and_initial_weights():
         prev = np.asarray(state.weights)
 
 
+def test_cr_mogm_under_inject_hyperparams():
+    """alpha injected (the paper's schedule changes it), weighting options still passed on."""
+    k = 3
+    rng = np.random.default_rng(7)
+    params = {"w": jnp.zeros(5)}
+    seq = [{"w": jnp.asarray(rng.normal(size=(k, 5)), jnp.float32)} for _ in range(2)]
+    make = samgs_optax.inject_hyperparams(
+        samgs_optax.cr_mogm, static_args=("num_tasks", "weighting")
+    )
+    injected = make(num_tasks=k, weighting="cagrad", alpha=0.5, c=0.4)
+    got, state = _run_steps(injected, seq, params)
+    want, _ = _run_steps(samgs_optax.cr_mogm(k, weighting="cagrad", alpha=0.5, c=0.4), seq, params)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(state.hyperparams["alpha"]) == 0.5
+
+
 def test_two_batch_layout_and_heads():
     """(B, K, ...) leaves: heads get the task sum of J_u; a wrong batch axis is an error."""
     k = 3

@@ -129,6 +129,10 @@ def cr_mogm(
     """
     num_tasks = _validation.check_num_tasks(num_tasks)
     _validation.check_interval("alpha", alpha, 0.0, 1.0, closed_high=True)
+    # optax.inject_hyperparams re-calls the factory with the catch-all as one keyword.
+    nested = weighting_options.pop("weighting_options", None)
+    if isinstance(nested, dict):
+        weighting_options = {**nested, **weighting_options}
     weigh = _resolve(weighting, weighting_options)
     if initial_weights is not None and np.shape(initial_weights) != (num_tasks,):
         raise ValueError(
