@@ -350,7 +350,7 @@ def test_two_batch_layout_and_heads():
     }
     for make in (samgs_optax.modo, samgs_optax.sdmgrad):
         tx = make(k, num_batches=2, mask=mask)
-        out, state = tx.update(two, tx.init(params), params)
+        out, state = jax.jit(tx.update)(two, tx.init(params), params)
         np.testing.assert_allclose(out["h"], two["h"].mean(0).sum(0), rtol=1e-6)
         want = np.asarray(state.weights) @ np.asarray(two["w"].mean(0))
         np.testing.assert_allclose(out["w"], want, rtol=1e-5)
