@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax.aggregators._solvers import project_dual_cone
+from samgs_optax.aggregators._solvers import in_canonical_order, project_dual_cone
 from samgs_optax.gramian import Mask, gramian_weighting, normalize_gramian, regularize_gramian
 
 
@@ -21,11 +21,17 @@ def dualproj_weights(
     r"""DualProj weights :math:`w = \arg\min_{v \ge \mathbf 1/K} v^\top \tilde G v`.
 
     :math:`\tilde G` and ``log2_scale`` as in
-    :func:`~samgs_optax.aggregators.upgrad.upgrad_weights`.
+    :func:`~samgs_optax.aggregators.upgrad.upgrad_weights`, solved in the same canonical
+    task order (weights independent of the order of the tasks).
     """
     k = g.shape[0]
-    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps, log2_scale), reg_eps)
-    return project_dual_cone(g_tilde, jnp.full([k], 1.0 / k, g.dtype))
+    mean = jnp.full([k], 1.0 / k, g.dtype)
+
+    def solve(gc: jax.Array) -> jax.Array:
+        g_tilde = regularize_gramian(normalize_gramian(gc, norm_eps, log2_scale), reg_eps)
+        return project_dual_cone(g_tilde, mean)
+
+    return in_canonical_order(solve, g)
 
 
 def dualproj(

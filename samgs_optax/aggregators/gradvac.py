@@ -72,7 +72,10 @@ def gradvac_weights(
     dtype = g.dtype
     t = jnp.asarray(log2_scale, jnp.int32)
     eps = jnp.asarray(eps, dtype)
-    eps_sq = pow2_scale(eps, -t)  # eps against products of two norms
+    # eps against products of two norms; kept >= the smallest normal float where the scaling
+    # would flush it to zero (then 0 / (0 + eps) stays 0, as unscaled, instead of NaN).
+    tiny = jnp.finfo(dtype).tiny
+    eps_sq = jnp.where(eps > 0, jnp.maximum(pow2_scale(eps, -t), tiny), 0)
     eps_n = pow2_scale(eps, -(t // 2))  # eps against one norm (t is even)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import jax
 import optax
 
-from samgs_optax.aggregators._solvers import min_norm_weights
+from samgs_optax.aggregators._solvers import in_canonical_order, min_norm_weights
 from samgs_optax.gramian import Mask, gramian_weighting
 
 
 def mgda_weights(g: jax.Array) -> jax.Array:
     r"""Exact :math:`\arg\min_{w \in \Delta_K} w^\top G w` (see
-    :func:`~samgs_optax.aggregators._solvers.min_norm_weights`); invariant to the scale of G."""
-    return min_norm_weights(g)[0]
+    :func:`~samgs_optax.aggregators._solvers.min_norm_weights`); invariant to the scale of G
+    and, solved in :func:`~samgs_optax.aggregators._solvers.canonical_order`, to the order of
+    the tasks (where the optimum is not unique, e.g. a strongly stationary J, the same optimal
+    point is returned for every order)."""
+    return in_canonical_order(lambda gc: min_norm_weights(gc)[0], g)
 
 
 def mgda(num_tasks: int, *, mask: Mask = None) -> optax.GradientTransformation:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax.aggregators._solvers import project_dual_cone
+from samgs_optax.aggregators._solvers import in_canonical_order, project_dual_cone
 from samgs_optax.gramian import Mask, gramian_weighting, normalize_gramian, regularize_gramian
 
 
@@ -28,12 +28,18 @@ def upgrad_weights(
     The weights depend on the scale of :math:`G` only through the absolute
     test :math:`\operatorname{tr} G < \epsilon_n`; for a scaled Gramian
     ``g`` :math:`= 2^{-t} G` (:func:`~samgs_optax.gramian.scaled_gramian`) pass
-    ``log2_scale`` :math:`= t` and the test is made on the true trace.
+    ``log2_scale`` :math:`= t` and the test is made on the true trace. The projections are
+    solved in :func:`~samgs_optax.aggregators._solvers.canonical_order`, so the weights do
+    not depend on the order of the tasks (to the last bit, barring ties).
     """
     k = g.shape[0]
-    g_tilde = regularize_gramian(normalize_gramian(g, norm_eps, log2_scale), reg_eps)
     rows = jnp.eye(k, dtype=g.dtype) / k
-    return jnp.sum(jax.vmap(lambda u: project_dual_cone(g_tilde, u))(rows), axis=0)
+
+    def solve(gc: jax.Array) -> jax.Array:
+        g_tilde = regularize_gramian(normalize_gramian(gc, norm_eps, log2_scale), reg_eps)
+        return jnp.sum(jax.vmap(lambda u: project_dual_cone(g_tilde, u))(rows), axis=0)
+
+    return in_canonical_order(solve, g)
 
 
 def upgrad(
