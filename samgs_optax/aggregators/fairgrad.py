@@ -55,6 +55,9 @@ def fairgrad_solve(
     ``fori_loop``: a fixed count, jit- and vmap-friendly) and the iterate with
     the smallest :func:`fairgrad_residual` is returned.
 
+    The Newton systems are solved by Cholesky with a ridge
+    :math:`\epsilon \operatorname{tr} G` (it changes the steps, not the root), and a
+    start on a ray where :math:`w^\top G w` is at rounding level is not rescaled.
     When no solution exists (some :math:`v \ge 0,\ v \ne 0` with :math:`Gv = 0`:
     a zero gradient, or 0 in the convex hull of some gradients) the iterates
     grow along :math:`v`; they stay finite because the number of steps is capped.
@@ -83,7 +86,9 @@ def fairgrad_solve(
         w = jnp.where(jnp.isfinite(w) & (w > 0), w, 1).astype(dtype)
         quad = _mv(w, _mv(g, w))
         power = jnp.sum(w**q)
-        t = jnp.where(quad > 0, (power / jnp.where(quad > 0, quad, 1)) ** (alpha / (1 + alpha)), 1)
+        # w^T G w at rounding level: w is (nearly) a null direction, F has no minimum on the ray.
+        flat = ~(quad > k * jnp.finfo(dtype).eps * jnp.trace(g) * _mv(w, w))
+        t = jnp.where(flat, 1, (power / jnp.where(flat, 1, quad)) ** (alpha / (1 + alpha)))
         return w * jnp.where(jnp.isfinite(t) & (t > 0), t, 1)
 
     diag = jnp.diagonal(g)
@@ -91,11 +96,14 @@ def fairgrad_solve(
     uniform = on_ray(jnp.full([k], 1.0 / k, dtype))
     start = jnp.where(objective(orthogonal) < objective(uniform), orthogonal, uniform)
     fractions = 2.0 ** -jnp.arange(12, dtype=dtype)
+    # A ridge of eps tr(G) keeps the Cholesky factorisation of the Hessian finite when the
+    # iterates grow along a null direction of G (no solution); it changes steps, not the root.
+    ridge = jnp.finfo(dtype).eps * jnp.trace(g)
 
     def body(_, st):
         w, best, best_res = st
         grad = _mv(g, w) - w**expo
-        hess = g + jnp.diag(-expo * w ** (expo - 1))
+        hess = g + jnp.diag(-expo * w ** (expo - 1) + ridge)
         step = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess), grad)
         decrement = jnp.sqrt(jnp.maximum(-_mv(grad, step), 0))
         to_boundary = jnp.min(jnp.where(step < 0, -w / jnp.where(step < 0, step, -1), jnp.inf))
@@ -134,6 +142,19 @@ def fairgrad_weights(
     :math:`w = s \hat w` turns :math:`2^t \hat G w = w^{-1/\alpha}` into
     :math:`\hat G \hat w = \hat w^{-1/\alpha}` for that :math:`s`). A zero Gramian
     (all gradients zero) gives :math:`w = 0`.
+
+    Null directions: the component of :math:`w` along the eigenvectors of
+    :math:`G` whose eigenvalues are below :math:`K \epsilon \lambda_{\max}` is
+    dropped (as a pseudo-inverse drops them). For an exact null vector
+    :math:`v` (:math:`Gv = 0`, so :math:`J^\top v = 0`) this leaves the update
+    unchanged, but where no solution exists (:math:`v \ge 0`: two opposite
+    gradients, 0 in the convex hull) the weights diverge along :math:`v` and
+    would otherwise turn into rounding noise :math:`\sim \epsilon \|w\| \|g\|` in
+    :math:`J^\top w` (two opposite gradients: 0 here; TorchJD's SciPy solve gives
+    equal huge weights, hence 0 too, by symmetry). For Gramians that are singular
+    only to working precision (condition number beyond :math:`1/(K\epsilon)`) the
+    update is then as uncertain as the Gramian itself. So the returned weights are
+    positive except where :math:`G` is singular to working precision.
     """
     k = g.shape[0]
     dtype = g.dtype
@@ -141,6 +162,11 @@ def fairgrad_weights(
     fair = alpha > 0
     safe_alpha = jnp.where(fair, alpha, 1)
     w_hat, _ = fairgrad_solve(g, safe_alpha, max_iter=max_iter)
+    # Components along the null space of G do not change the exact update (G v = 0 means
+    # J^T v = 0) but would add rounding noise |w| eps |g| to it where the weights diverge.
+    evals, evecs = jnp.linalg.eigh(g)
+    null = evals <= k * jnp.finfo(dtype).eps * jnp.max(jnp.abs(evals))
+    w_hat = w_hat - _mv(evecs, jnp.where(null, _mv(evecs.T, w_hat), 0))
     exponent = -jnp.asarray(log2_scale, dtype) * safe_alpha / (1 + safe_alpha)
     whole = jnp.floor(exponent)
     w = pow2_scale(w_hat * jnp.exp2(exponent - whole), whole.astype(jnp.int32))
