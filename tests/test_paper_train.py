@@ -168,6 +168,104 @@ def test_every_method_builds_and_initialises_its_optimizer(method):
     assert jax.tree.leaves(tx.init(params))
 
 
+@pytest.mark.parametrize("method", list(train.scalarizer_methods()))
+def test_every_scalarizer_builds_and_initialises(method):
+    """Every registered scalarizer is a --method: Adam on one backward pass, no clip; its
+    state (and, for UW/IMTL-L, the Adam of its parameters) is part of the optimizer state."""
+    cfg = train.Config("cityscapes", method=method, synthetic=True).resolved()
+    tx, per_task, note = train.build_optimizer(cfg, steps=3)
+    assert not per_task and note.endswith("+ Adam(0.0001, x0.5 every 100 epochs)")
+    parts = train.build_scalarizer(cfg, steps=3)
+    params = nnx.state(_TinyTwoTask(rngs=nnx.Rngs(0)), nnx.Param)
+    opt_state = train.init_scalarizer_opt_state(parts, tx, params, 2)
+    assert jax.tree.leaves(opt_state["tx"])
+    assert ("scalarizer_tx" in opt_state) == (method in ("uw", "imtl_l"))
+    name = train.scalarizer_methods()[method]
+    assert method == name or method == f"loss_{name}"
+
+
+def test_scalarizer_options_are_the_authors():
+    options = {
+        d: train.scalarizer_options(train.Config(d, method="famo", synthetic=True).resolved())
+        for d in train.DATASETS
+    }
+    assert options["cityscapes"] == {"lr": 0.025, "weight_decay": 0.01}
+    assert options["nyuv2"]["weight_decay"] == options["celeba"]["weight_decay"] == 0.001
+    cfg = train.Config("nyuv2", method="dwa", synthetic=True).resolved()
+    parts = train.build_scalarizer(cfg, steps=3)
+    assert parts.options == {"window": 25, "temperature": 2.0} and parts.mean
+    assert not parts.post_update and parts.learned_tx is None
+    cfg = train.Config("nyuv2", method="random", seed=3, synthetic=True).resolved()
+    assert train.scalarizer_options(cfg) == {"seed": 3}
+
+
+def _scalarizer_step(method: str, **config):
+    model = _TinyTwoTask(rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    cfg = train.Config("cityscapes", method=method, synthetic=True, **config).resolved()
+    parts = train.build_scalarizer(cfg, steps=1)
+    tx = train.build_optimizer(cfg, steps=1)[0]
+    opt_state = train.init_scalarizer_opt_state(parts, tx, nnx.state(model, nnx.Param), 2)
+    step = train.make_scalarizer_step(graphdef, tx, _bce, parts)
+    return graphdef, state, opt_state, step
+
+
+def test_famo_logits_step_after_the_model_step():
+    """After one step the logits are one Adam step (lr 0.025, from 0) along the softmax VJP
+    of delta = log L(before) - log L(after), the losses recomputed on the same batch with the
+    new parameters in training mode; the BatchNorm statistics moved twice (the two passes)."""
+    graphdef, state, opt_state, step = _scalarizer_step("famo")
+    batch = _tiny_batch(0)
+    reference = nnx.merge(graphdef, state, copy=True)
+    before = np.asarray(_bce(reference, batch), np.float64)  # also moves BN once
+    new_state, new_opt, losses = step(*jax.tree.map(jnp.copy, (state, opt_state)), batch)
+    np.testing.assert_allclose(losses, before, rtol=1e-6)
+    after_model = nnx.merge(graphdef, new_state, copy=True)
+    params_after = nnx.state(after_model, nnx.Param)
+    nnx.update(reference, params_after)
+    after = np.asarray(_bce(reference, batch), np.float64)  # the second pass, as theirs
+    delta = np.log(before + 1e-8) - np.log(after + 1e-8)
+    grad = (delta - delta.mean()) / 2  # softmax VJP at uniform weights
+    want = -0.025 * grad / (np.abs(grad) + 1e-8)  # Adam's first step (weight decay x 0)
+    logits = np.asarray(new_opt["scalarizer"].logits)
+    assert np.all(logits != 0)
+    np.testing.assert_allclose(logits, want, rtol=1e-4)
+    want_stats = jax.tree.leaves(nnx.state(reference, nnx.BatchStat))
+    got_stats = jax.tree.leaves(nnx.state(after_model, nnx.BatchStat))
+    for w, g in zip(want_stats, got_stats, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_uw_learns_its_log_variances_unless_their_lr_is_zero():
+    for lr, moves in ((0.025, True), (0.0, False)):
+        _, state, opt_state, step = _scalarizer_step("uw", method_params_lr=lr)
+        _, new_opt, losses = step(state, opt_state, _tiny_batch(0))
+        log_var = np.asarray(new_opt["scalarizer"].log_var)
+        # d/ds of 0.5 (exp(-s) L + s) at s = 0 is 0.5 (1 - L): Adam's first step, -lr * sign
+        want = -lr * np.sign(0.5 * (1 - np.asarray(losses)))
+        np.testing.assert_allclose(log_var, want, rtol=1e-4)
+        assert np.any(log_var != 0) == moves
+
+
+@pytest.mark.parametrize("method", ["famo", "uw"])
+def test_scalarizer_state_checkpoint_round_trip_is_bit_identical(method, tmp_path):
+    graphdef, state, opt_state, step = _scalarizer_step(method)
+    run = {"model": state, "opt_state": opt_state, "epoch": jnp.zeros([], jnp.int32)}
+    run = jax.device_put(jax.tree.map(jnp.copy, run), jax.devices()[0])
+    for seed in (1, 2):
+        model_state, opt, _ = step(run["model"], run["opt_state"], _tiny_batch(seed))
+        run = {"model": model_state, "opt_state": opt, "epoch": run["epoch"] + 1}
+    assert np.any(np.asarray(jax.tree.leaves(run["opt_state"]["scalarizer"])[0]) != 0)
+    manager = train.checkpoint_manager(tmp_path / "ck")
+    train.save_checkpoint(manager, run)
+    restored = train.restore_checkpoint(manager, run)
+    assert jax.tree.structure(restored) == jax.tree.structure(run)
+    assert train.params_digest(restored) == train.params_digest(run)
+    live = step(run["model"], run["opt_state"], _tiny_batch(3))
+    again = step(restored["model"], restored["opt_state"], _tiny_batch(3))
+    assert train.params_digest(live) == train.params_digest(again)
+
+
 def test_step_moves_batchnorm_statistics_once(samgs_step):
     """SAM-GS's K task gradients come from one forward pass: the BatchNorm statistics after a
     step equal those of one training-mode forward pass, not of K."""
@@ -233,9 +331,10 @@ def _main(argv: list[str], capsys, cache: dict | None = None) -> dict:
 
 
 def test_resume_is_bit_identical_cityscapes(tmp_path, capsys):
-    """Stop after epoch 1, resume: the same final state as an uninterrupted run. (LS keeps
-    the compile short; SAM-GS's state is round-tripped above.)"""
-    argv = ["--dataset", "cityscapes", "--method", "ls", "--model", "split", "--quick"]
+    """Stop after epoch 1, resume: the same final state as an uninterrupted run. FAMO: one
+    backward pass keeps the compile short, and its logits (moved by the first epoch's step)
+    must come back from the checkpoint; SAM-GS's state is round-tripped above."""
+    argv = ["--dataset", "cityscapes", "--method", "famo", "--model", "split", "--quick"]
     argv += ["--steps-per-epoch", "1", "--width-divisor", "8"]  # 1/8 widths: smaller files
     cache: dict = {}
     straight = _main(argv + ["--out-dir", str(tmp_path / "a"), "--no-checkpoint"], capsys, cache)
@@ -248,8 +347,20 @@ def test_resume_is_bit_identical_cityscapes(tmp_path, capsys):
     assert resumed["state_sha256"] == straight["state_sha256"]
     assert resumed["metrics"] == straight["metrics"]
     assert list(straight["metrics"]) == list(train.metrics.CITYSCAPES_COLUMNS)
-    assert straight["paper"]["label"] == "LS"  # the paper's row next to ours
-    assert straight["paper"]["metrics"]["mean_iou"] == pytest.approx(0.71)
+    assert straight["paper"]["label"] == "FAMO"  # the paper's row next to ours
+    assert straight["paper"]["metrics"]["mean_iou"] == pytest.approx(0.745)
+    assert straight["recipe"].startswith("famo(lr=0.025, weight_decay=0.01) on the losses")
+
+
+def test_cli_quick_dwa(tmp_path, capsys):
+    """The authors' DWA (per-step window 25, mean over tasks) through the command line."""
+    argv = ["--dataset", "cityscapes", "--method", "dwa", "--model", "split", "--quick"]
+    argv += ["--steps-per-epoch", "1", "--width-divisor", "8"]
+    line = _main(argv + ["--out-dir", str(tmp_path), "--no-checkpoint"], capsys)
+    assert line["recipe"].startswith("dwa(window=25, temperature=2.0) on the losses / K + Adam")
+    assert line["paper"]["label"] == "DWA" and line["epochs_done"] == 2
+    values = line["metrics"]
+    assert all(np.isfinite(v) for k, v in values.items() if k != "mean_iou")
 
 
 def test_cli_quick_nyuv2_per_task_gradients(tmp_path, capsys):

@@ -23,6 +23,17 @@ Methods (``--method``):
   schedule; the heads get their own task's gradient. Options as the authors' configs
   (:data:`METHOD_OPTIONS`); SAM-GS: ``gamma 0.7, momentum 0.9, beta2 0.99``, the paper's
   ``--gamma 0.9`` as an option.
+* every name in ``samgs_optax.SCALARIZERS`` (loss balancing; ``loss_NAME`` if an aggregator
+  has the name): one backward pass of the scalarized loss, Adam with the recipe's schedule,
+  no clip (as ``ls``), no per-task gradients. The paper's ``scale_invariant`` (their
+  ``scaleinvls``), ``random`` (their ``rlw``), ``dwa`` (their per-step form: window 25,
+  temperature 2, the total divided by K), ``uw`` (log-variances learned with their own Adam,
+  lr 0.025 = Nash-MTL's ``method_params_lr``, ``--method-params-lr``; the authors' trainer
+  never steps them: ``--method-params-lr 0``) and ``famo`` (w_lr 0.025, gamma
+  :data:`FAMO_GAMMA`; after the model step the losses are recomputed on the same batch in
+  training mode and ``update`` steps the logits; ``--famo-no-update``: the authors' NYU-v2
+  and CelebA trainers, which skip it). Options: :data:`SCALARIZER_OPTIONS`, the registry's
+  examples for required ones. The scalarizer's state is part of ``opt_state``, checkpointed.
 * ``stl``: a single-task model trained on ``--task`` alone with Adam (dense: a SegNet with
   one head, ``--model split`` by default, like the MTAN/CAGrad single-task baselines;
   CelebA: the CNN with one head, like the authors' ``trainer_one_task.py``).
@@ -48,6 +59,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -115,6 +127,19 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "nash_mtl": {"update_weights_every": 1, "optim_niter": 20},
     "aligned_mtl": {"scale_mode": "min"},
 }
+# Loss scalarizers (samgs_optax.SCALARIZERS): options from the authors' configs. DWA: their
+# per-step window (iteration_window 25, temp 2.0); FAMO: w_lr 0.025 and gamma (the logits'
+# weight decay) per dataset, FAMO_GAMMA.
+SCALARIZER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dwa": {"window": 25, "temperature": 2.0},
+    "famo": {"lr": 0.025},
+}
+FAMO_GAMMA = {"nyuv2": 0.001, "cityscapes": 0.01, "celeba": 0.001}
+# Their trainers' loss is the MEAN of DWA's weighted losses (the scalarizer's total is the sum).
+SCALARIZER_TOTAL_SCALE = {"dwa": "mean"}
+# Scalarizers whose state is learnable parameters, stepped by their own Adam.
+LEARNED_SCALARIZERS = ("uw", "imtl_l")
+METHOD_PARAMS_LR = 0.025  # Nash-MTL's trainer's method_params_lr (UW's log-variances)
 LAST_EPOCHS = 10  # NYU-v2 / CityScapes: report the mean over the last 10 epochs
 MANY_TASKS_UNROLL = 8  # CelebA on an accelerator: backward passes unrolled per loop step
 
@@ -147,6 +172,8 @@ class Config:
     width_divisor: int = 1  # dense: SegNet widths / this (CPU smoke tests; not the paper's)
     jac_mode: str = "auto"  # samgs_optax.value_and_jacrev mode; see jacobian_mode
     jac_unroll: int | None = None  # its unroll (sequential mode); see jacobian_mode
+    method_params_lr: float = METHOD_PARAMS_LR  # uw / imtl_l: Adam on their parameters
+    famo_update: bool = True  # FAMO's logit step after the model step (see the docstring)
 
     def resolved(self) -> Config:
         """A copy with every recipe default filled in and the options checked."""
@@ -170,9 +197,16 @@ class Config:
         return out
 
 
+def scalarizer_methods() -> dict[str, str]:
+    """``--method`` name -> ``samgs_optax.SCALARIZERS`` name: the scalarizer's own name, or
+    ``loss_NAME`` when an aggregator (or ``ls``/``stl``) already has that name."""
+    taken = {"ls", "stl", *samgs_optax.AGGREGATORS}
+    return {(f"loss_{n}" if n in taken else n): n for n in samgs_optax.SCALARIZERS}
+
+
 def method_names() -> list[str]:
-    """``ls``, every registered aggregator, ``stl``."""
-    return ["ls", *samgs_optax.AGGREGATORS, "stl"]
+    """``ls``, every registered aggregator, every registered scalarizer, ``stl``."""
+    return ["ls", *samgs_optax.AGGREGATORS, *scalarizer_methods(), "stl"]
 
 
 def _check(cfg: Config) -> None:
@@ -351,13 +385,15 @@ def build_model(cfg: Config) -> nnx.Module:
     return models.build_model(cfg.dataset, cfg.model, tasks=tasks, seed=cfg.seed, filters=filters)
 
 
-def learning_rate(cfg: Config, steps: int) -> optax.Schedule:
-    """The authors' ``StepLR(step_size, gamma)`` stepped once per epoch, in optimizer steps."""
+def learning_rate(cfg: Config, steps: int, base: float | None = None) -> optax.Schedule:
+    """The authors' ``StepLR(step_size, gamma)`` stepped once per epoch, in optimizer steps,
+    from ``base`` (default: the run's learning rate)."""
     recipe = RECIPES[cfg.dataset]
+    base = cfg.learning_rate if base is None else base
     if recipe.lr_step_epochs is None:
-        return optax.constant_schedule(cfg.learning_rate)
+        return optax.constant_schedule(base)
     return optax.exponential_decay(
-        cfg.learning_rate,
+        base,
         transition_steps=recipe.lr_step_epochs * steps,
         decay_rate=recipe.lr_decay,
         staircase=True,
@@ -385,6 +421,8 @@ def build_optimizer(cfg: Config, steps: int) -> tuple[optax.GradientTransformati
     if cfg.method in ("ls", "stl"):
         what = "summed loss" if cfg.method == "ls" else f"{run_tasks(cfg)[0]} loss alone"
         return adam, False, f"{schedule} on the {what}"
+    if cfg.method in scalarizer_methods():
+        return adam, False, f"{build_scalarizer(cfg, steps).note} + {schedule}"
     options = method_options(cfg)
     tx = samgs_optax.recipe(
         cfg.method,
@@ -398,6 +436,115 @@ def build_optimizer(cfg: Config, steps: int) -> tuple[optax.GradientTransformati
     args = ", ".join(f"{k}={v}" for k, v in options.items())
     note = f"{cfg.method}({args}) on shared{' + scale(K)' if scaled else ''}"
     return tx, True, f"{note} + clip({cfg.max_norm:g}) + {schedule}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarizerParts:
+    """A loss-balancing method: the scalarizer and how the trainer drives it.
+
+    ``learned_tx``: Adam on the scalarizer's state (UW, IMTL-L: learnable parameters), or
+    None. ``mean``: divide the total by K (the authors' DWA). ``post_update``: call
+    ``scalarizer.update`` with the losses recomputed after the model step (FAMO).
+    """
+
+    scalarizer: Any
+    options: dict[str, Any]
+    learned_tx: optax.GradientTransformation | None
+    mean: bool
+    post_update: bool
+    note: str
+
+
+def scalarizer_options(cfg: Config) -> dict[str, Any]:
+    """The scalarizer's options: required ones from the registry's example, the authors'
+    config values (:data:`SCALARIZER_OPTIONS`, :data:`FAMO_GAMMA`), the run's seed."""
+    name = scalarizer_methods()[cfg.method]
+    spec = samgs_optax.scalarizers.scalarizer_spec(name)
+    options = {**spec.example(len(run_tasks(cfg))), **SCALARIZER_OPTIONS.get(name, {})}
+    if name == "famo":
+        options["weight_decay"] = FAMO_GAMMA[cfg.dataset]
+    if "seed" in inspect.signature(spec.factory).parameters:
+        options["seed"] = cfg.seed
+    return options
+
+
+def build_scalarizer(cfg: Config, steps: int) -> ScalarizerParts:
+    """The loss-balancing method ``cfg.method`` (one backward pass of the scalarized loss)."""
+    name = scalarizer_methods()[cfg.method]
+    options = scalarizer_options(cfg)
+    scalarizer = samgs_optax.SCALARIZERS[name](len(run_tasks(cfg)), **options)
+    learned = name in LEARNED_SCALARIZERS
+    learned_tx = optax.adam(learning_rate(cfg, steps, cfg.method_params_lr)) if learned else None
+    post_update = hasattr(scalarizer, "update") and cfg.famo_update
+    mean = SCALARIZER_TOTAL_SCALE.get(name) == "mean"
+    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "seed")
+    note = f"{name}({shown}) on the losses{' / K' if mean else ''}"
+    if learned:
+        note += f", its parameters by Adam({cfg.method_params_lr:g})"
+    if post_update:
+        note += ", update() after the step on the same batch"
+    return ScalarizerParts(scalarizer, options, learned_tx, mean, post_update, note)
+
+
+def init_scalarizer_opt_state(
+    parts: ScalarizerParts, tx: optax.GradientTransformation, params: PyTree, num_tasks: int
+) -> dict[str, PyTree]:
+    """The optimizer state of a loss-balancing run: the model's Adam (``tx``), the
+    scalarizer's state (``scalarizer``) and, for learned ones, their Adam (``scalarizer_tx``)."""
+    sc_state = parts.scalarizer.init(jnp.zeros([num_tasks], jnp.float32))
+    out = {"tx": tx.init(params), "scalarizer": sc_state}
+    if parts.learned_tx is not None:
+        out["scalarizer_tx"] = parts.learned_tx.init(sc_state)
+    return out
+
+
+def make_scalarizer_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[[nnx.Module, Batch], jax.Array],
+    parts: ScalarizerParts,
+) -> Callable[..., tuple[nnx.State, PyTree, jax.Array]]:
+    """Jitted ``step(state, opt_state, batch) -> (state, opt_state, losses)`` of a
+    loss-balancing method: one backward pass of the scalarized loss, Adam, no clip (as the
+    authors' ``ls``: their clip runs before ``backward``). ``opt_state`` as
+    :func:`init_scalarizer_opt_state`. Learned scalarizers (UW) get the gradient of their
+    parameters from the same backward pass and their own Adam step; FAMO recomputes the
+    losses on the same batch after the model step, in training mode like the authors'
+    trainer (BatchNorm statistics move a second time), and takes its logit step."""
+    scalarizer = parts.scalarizer
+    learned = parts.learned_tx is not None
+
+    def objective(model: nnx.Module, sc_state: PyTree, batch: Batch):
+        losses = loss_fn(model, batch)
+        total, (_, new_state) = scalarizer.scalarize(losses, sc_state)
+        if parts.mean:
+            total = total / losses.shape[0]
+        return total, (losses, new_state)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(state: nnx.State, opt_state: PyTree, batch: Batch):
+        model = nnx.merge(graphdef, state)
+        sc_state = opt_state["scalarizer"]
+        out = dict(opt_state)
+        if learned:
+            grad_fn = nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+            (_, (losses, _)), (grads, sc_grads) = grad_fn(model, sc_state, batch)
+            sc_updates, out["scalarizer_tx"] = parts.learned_tx.update(
+                sc_grads, opt_state["scalarizer_tx"], sc_state
+            )
+            sc_state = optax.apply_updates(sc_state, sc_updates)
+        else:
+            grad_fn = nnx.value_and_grad(objective, has_aux=True)
+            (_, (losses, sc_state)), grads = grad_fn(model, sc_state, batch)
+        params = nnx.state(model, nnx.Param)
+        updates, out["tx"] = tx.update(grads, opt_state["tx"], params)
+        nnx.update(model, optax.apply_updates(params, updates))
+        if parts.post_update:
+            sc_state = scalarizer.update(sc_state, jax.lax.stop_gradient(loss_fn(model, batch)))
+        out["scalarizer"] = sc_state
+        return nnx.state(model), out, losses
+
+    return step
 
 
 def make_train_step(
@@ -571,6 +718,7 @@ class Setup:
     note: str
     step: Callable[..., Any]
     predict: Callable[..., Any]
+    init_opt: Callable[[PyTree], PyTree]  # params -> the run's opt_state
 
 
 def jacobian_mode(cfg: Config) -> tuple[str, int]:
@@ -599,12 +747,20 @@ def make_setup(cfg: Config, steps: int) -> Setup:
     graphdef, initial = nnx.split(model)
     model.eval()
     graphdef_eval, _ = nnx.split(model)
-    mode, unroll = jacobian_mode(cfg)
-    step = make_train_step(
-        graphdef, tx, make_loss_fn(cfg), per_task=per_task, jac_mode=mode, jac_unroll=unroll
-    )
     predict = make_predict(cfg, graphdef_eval)
-    return Setup(graphdef, graphdef_eval, jax.device_get(initial), tx, note, step, predict)
+    if cfg.method in scalarizer_methods():
+        parts = build_scalarizer(cfg, steps)
+        step = make_scalarizer_step(graphdef, tx, make_loss_fn(cfg), parts)
+        k = len(run_tasks(cfg))
+        init_opt = functools.partial(init_scalarizer_opt_state, parts, tx, num_tasks=k)
+    else:
+        mode, unroll = jacobian_mode(cfg)
+        step = make_train_step(
+            graphdef, tx, make_loss_fn(cfg), per_task=per_task, jac_mode=mode, jac_unroll=unroll
+        )
+        init_opt = tx.init
+    initial = jax.device_get(initial)
+    return Setup(graphdef, graphdef_eval, initial, tx, note, step, predict, init_opt)
 
 
 def initial_state(cfg: Config, setup: Setup) -> dict:
@@ -616,7 +772,7 @@ def initial_state(cfg: Config, setup: Setup) -> dict:
     history.update({split: nan((cfg.epochs, n_cols)) for split in split_names(cfg.dataset)})
     state = {
         "model": nnx.state(model),
-        "opt_state": setup.tx.init(nnx.state(model, nnx.Param)),
+        "opt_state": setup.init_opt(nnx.state(model, nnx.Param)),
         "epoch": jnp.zeros([], jnp.int32),
         "history": history,
     }
@@ -842,6 +998,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     )
     p.add_argument("--jac-mode", choices=("auto", "jacrev", "sequential", "vmap"))
     p.add_argument("--jac-unroll", type=int, help="sequential mode: tasks per loop step")
+    p.add_argument(
+        "--method-params-lr",
+        type=float,
+        help="uw/imtl_l: Adam lr of their parameters (default 0.025; 0: the authors' UW)",
+    )
+    p.add_argument(
+        "--famo-no-update",
+        dest="famo_update",
+        action="store_false",
+        default=None,
+        help="famo: no logit step (the authors' NYU-v2 and CelebA trainers)",
+    )
     p.add_argument("--out-dir", default="checkpoints/paper", help="parent of the run dir")
     p.add_argument("--no-checkpoint", action="store_true", help="results.json only")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoints")

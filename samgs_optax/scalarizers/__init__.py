@@ -59,7 +59,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from samgs_optax.scalarizers._base import Scalarizer
-from samgs_optax.scalarizers.dwa import DWAScalarizer, DWAState, dwa
+from samgs_optax.scalarizers.dwa import DWAScalarizer, DWAState, DWAWindowState, dwa
 from samgs_optax.scalarizers.famo import FAMOScalarizer, FAMOState, famo
 from samgs_optax.scalarizers.learned import IMTLLState, UWState, imtl_l, uw
 from samgs_optax.scalarizers.linear import constant, mean, sum
@@ -133,6 +133,7 @@ def scalarizer_spec(name: str) -> ScalarizerSpec:
 __all__ = [
     "DWAScalarizer",
     "DWAState",
+    "DWAWindowState",
     "FAMOScalarizer",
     "FAMOState",
     "IMTLLState",
