@@ -161,7 +161,11 @@ def samgs_step():
 
 @pytest.mark.parametrize("method", ["ls", *samgs_optax.AGGREGATORS])
 def test_every_method_builds_and_initialises_its_optimizer(method):
-    cfg = train.Config("cityscapes", method=method, synthetic=True).resolved()
+    try:
+        cfg = train.Config("cityscapes", method=method, synthetic=True).resolved()
+    except ValueError as err:  # a method that needs more than CityScapes' 2 tasks (Krum)
+        assert f"{method} cannot run on cityscapes (2 tasks)" in str(err)
+        cfg = train.Config("nyuv2", method=method, synthetic=True).resolved()
     tx, per_task, note = train.build_optimizer(cfg, steps=3)
     assert per_task == (method != "ls") and "Adam(0.0001, x0.5 every 100 epochs)" in note
     params = nnx.state(_TinyTwoTask(rngs=nnx.Rngs(0)), nnx.Param)

@@ -223,6 +223,14 @@ def _check(cfg: Config) -> None:
     if (cfg.data_root is None) == (not cfg.synthetic):
         raise ValueError("pass exactly one of --data ROOT and --synthetic")
     run_tasks(cfg)  # an unknown --task raises here
+    if cfg.method in samgs_optax.AGGREGATORS:  # e.g. Krum needs 3 tasks: say so up front
+        k = len(run_tasks(cfg))
+        try:
+            samgs_optax.AGGREGATORS[cfg.method](k, **method_options(cfg))
+        except ValueError as err:
+            raise ValueError(
+                f"{cfg.method} cannot run on {cfg.dataset} ({k} tasks): {err}"
+            ) from err
 
 
 # ---------------------------------------------------------------------------------------
