@@ -190,20 +190,21 @@ def test_random_methods_with_torchjd_draws(golden, results, k, key):
 # Issue 12: constant, random_weighting, trimmed_mean, krum, con_fig, fairgrad.
 
 # Relative tolerance on ||u - u_ref|| / ||u_ref|| against TorchJD (float64), for our float32
-# and float64 runs. Measured worst cases over the 12 matrices (one run, float32 / float64):
-# constant and its mean 9.7e-8 / 1.3e-16, random (TorchJD's draws) 1.3e-7 / 2.1e-16,
-# trimmed_mean 9.1e-8 / 1.4e-16, krum 1.1e-7 / 1.1e-16 (ties aside, see test_krum...),
-# con_fig 2.3e-6 / 8.1e-15 (pseudo-inverse of the cosine matrix), fairgrad alpha = 0
-# 9.2e-8 / 1.3e-16, alpha > 0 1.3e-6 / 3.1e-8: in float64 the difference is TorchJD's,
-# whose SciPy least squares stops at relative residuals up to 1.5e-8 where ours reaches
-# 1.7e-15 (test_fairgrad_residual_beats_torchjd).
+# and float64 runs. Measured worst cases over the 12 matrices (``python
+# tests/test_aggregators_golden.py [--x64]``, float32 / float64): constant and its mean
+# 9.7e-8 / 1.3e-16, random (TorchJD's draws) 1.3e-7 / 2.1e-16, trimmed_mean 9.1e-8 / 1.4e-16,
+# krum 7.3e-8 / 0 (the one tie aside, see test_krum_matches_golden_up_to_ties), con_fig
+# 1.1e-5 / 1.8e-14 (pseudo-inverse of the cosine matrix), fairgrad alpha = 0 8.0e-8 /
+# 1.2e-16, alpha > 0 2.7e-6 / 3.1e-8: in float64 the difference is TorchJD's, whose SciPy
+# least squares stops at relative residuals up to 1.5e-8 where ours reaches 1.4e-14
+# (test_fairgrad_residual_beats_torchjd).
 RTOL_12 = {
     "constant": (1e-6, 1e-14),
     "random": (1e-6, 1e-14),
     "trimmed_mean": (1e-6, 1e-14),
     "krum": (1e-6, 1e-14),
-    "config": (2e-5, 1e-12),
-    "fairgrad": (1e-5, 2e-7),
+    "config": (1e-4, 1e-12),
+    "fairgrad": (3e-5, 2e-7),
 }
 FAIRGRAD_ALPHAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 
@@ -363,12 +364,12 @@ def test_fairgrad_residual_beats_torchjd(golden, results_12, k):
     """float64: our weights solve G w = w^(-1/alpha) at least as well as TorchJD's SciPy solve.
 
     Residuals ||G w - w^(-1/alpha)|| relative to ||w^(-1/alpha)||, both on the float64
-    NumPy Gramian. Measured worst: ours 1.7e-15, TorchJD's 1.5e-8 (float32: ours 5.2e-6).
+    NumPy Gramian. Measured worst: ours 1.4e-14, TorchJD's 1.5e-8 (float32: ours 6.6e-6).
     """
     jac = _cases(golden, k, "J")
     for alpha in FAIRGRAD_ALPHAS[1:]:
         theirs = _cases(golden, k, f"fairgrad_a{alpha}_weights")
-        for x64, bound in ((True, 1e-13), (False, 2e-5)):
+        for x64, bound in ((True, 1e-13), (False, 5e-5)):
             ours = results_12[x64][k][f"weights/fairgrad_a{alpha}"]
             for j, w, t in zip(jac, ours, theirs, strict=True):
                 gram = j @ j.T
@@ -457,6 +458,30 @@ def _report() -> None:
         err = _rel(np.asarray(ours, np.float64), _cases(golden, k, "nash_mtl_torchjd"))
         for case, e in zip(KINDS, err, strict=True):
             print(f"  nash_mtl vs TorchJD NashMTL (CCP), K{k}_{case}: {e:.1e}")
+        # Issue 12 (Krum: the tie of test_krum_matches_golden_up_to_ties left out).
+        got = _aggregate_issue12(golden, k, dtype)
+        for key in _issue12_keys(k):
+            err = _rel(got[key], _cases(golden, k, key))
+            name = key.split("_t")[0] if key.startswith("trimmed") else key
+            if key.startswith("krum"):
+                name, err = "krum (no tie)", err[err < 1e-3]
+                if k >= 3:
+                    f = (k - 3) // 2
+                    default = _rel(got["krum_default"], _cases(golden, k, f"krum_f{f}_m1"))
+                    err = np.concatenate([err, default[default < 1e-3]])
+            worst[name] = max(worst.get(name, 0.0), float(np.max(err, initial=0.0)))
+        for alpha in FAIRGRAD_ALPHAS[1:]:
+            for w, t, j in zip(
+                got[f"weights/fairgrad_a{alpha}"],
+                _cases(golden, k, f"fairgrad_a{alpha}_weights"),
+                _cases(golden, k, "J"),
+                strict=True,
+            ):
+                for who, v in (("ours", w), ("torchjd", t)):
+                    res = np.linalg.norm(j @ j.T @ v - v ** (-1 / alpha))
+                    res /= np.linalg.norm(v ** (-1 / alpha))
+                    name = f"fairgrad residual, {who}"
+                    worst[name] = max(worst.get(name, 0.0), float(res))
     count = len(KS) * len(KINDS)
     print(f"worst ||u - u_torchjd|| / ||u_torchjd|| over {count} matrices, {dtype.__name__}:")
     for name, err in worst.items():

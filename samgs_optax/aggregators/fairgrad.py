@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from samgs_optax.gramian import Mask, gramian_weighting, pow2_scale
+from samgs_optax import _validation
+from samgs_optax._layout import Mask, merge, resolve_layout, split
+from samgs_optax.gramian import GramianWeightingState, combine, pow2_scale, scaled_gramian
+
+PyTree = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -156,6 +161,14 @@ def fairgrad_weights(
     update is then as uncertain as the Gramian itself. So the returned weights are
     positive except where :math:`G` is singular to working precision.
     """
+    mantissa, exponent = _split_weights(g, alpha, log2_scale, max_iter)
+    return pow2_scale(mantissa, exponent)
+
+
+def _split_weights(
+    g: jax.Array, alpha: float | jax.Array, log2_scale: jax.Array | int, max_iter: int
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`fairgrad_weights` as ``(m, e)``, w = m 2^e with m in G_hat's range (no overflow)."""
     k = g.shape[0]
     dtype = g.dtype
     alpha = jnp.asarray(alpha, dtype)
@@ -169,10 +182,11 @@ def fairgrad_weights(
     w_hat = w_hat - _mv(evecs, jnp.where(null, _mv(evecs.T, w_hat), 0))
     exponent = -jnp.asarray(log2_scale, dtype) * safe_alpha / (1 + safe_alpha)
     whole = jnp.floor(exponent)
-    w = pow2_scale(w_hat * jnp.exp2(exponent - whole), whole.astype(jnp.int32))
+    mantissa = w_hat * jnp.exp2(exponent - whole)
     zero = ~(jnp.max(jnp.abs(g)) > 0)
-    w = jnp.where(zero, jnp.zeros_like(w), w)
-    return jnp.where(fair, w, jnp.full([k], 1.0 / k, dtype))
+    mantissa = jnp.where(zero, jnp.zeros_like(mantissa), mantissa)
+    mantissa = jnp.where(fair, mantissa, jnp.full([k], 1.0 / k, dtype))
+    return mantissa, jnp.where(fair, whole, 0).astype(jnp.int32)
 
 
 def fairgrad(
@@ -216,7 +230,10 @@ def fairgrad(
 
     Returns:
       An ``optax.GradientTransformation`` with state
-      :class:`~samgs_optax.gramian.GramianWeightingState`.
+      :class:`~samgs_optax.gramian.GramianWeightingState`; its ``weights`` are in
+      true units (:math:`w \propto \|g\|^{-2\alpha/(1+\alpha)}`), so they may
+      saturate in float32 for gradients far from 1 (~1e-30), while the update,
+      combined with a mantissa and a power of two, stays finite.
 
     References:
       Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024,
@@ -227,12 +244,27 @@ def fairgrad(
             raise ValueError(f"alpha must be finite and >= 0, got {alpha}.")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}.")
-    return gramian_weighting(
-        num_tasks,
-        lambda g, t: fairgrad_weights(g, alpha=alpha, log2_scale=t, max_iter=max_iter),
-        mask=mask,
-        with_scale=True,
-    )
+    num_tasks = _validation.check_num_tasks(num_tasks)
+
+    def init_fn(params: PyTree) -> GramianWeightingState:
+        scalar = _validation.scalar_dtype(params)
+        return GramianWeightingState(
+            shared=resolve_layout(mask, params), weights=jnp.zeros([num_tasks], scalar)
+        )
+
+    def update_fn(updates: PyTree, state: GramianWeightingState, params: PyTree = None):
+        del params
+        shared, heads = split(updates, state.shared, num_tasks)
+        scalar = state.weights.dtype
+        g_hat, log2_scale = scaled_gramian(shared, scalar)
+        mantissa, exponent = _split_weights(g_hat, alpha, log2_scale, max_iter)
+        # sum_k w_k g_k = 2^e sum_k m_k g_k: the power of two is applied last, so that
+        # weights beyond float32's range (gradients ~1e-30) still give a finite update.
+        combined = jax.tree.map(lambda x: pow2_scale(x, exponent), combine(shared, mantissa))
+        weights = pow2_scale(mantissa, exponent).astype(scalar)
+        return merge(combined, heads), GramianWeightingState(shared=state.shared, weights=weights)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def fairgrad_is_mean(*, alpha: float = 2.0, **_: object) -> bool:
