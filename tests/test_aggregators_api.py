@@ -32,8 +32,22 @@ METHODS = (
     "excess_mtl",
     "modo",
     "sdmgrad",
+    # Stateless methods of TorchJD 0.18 (issue 12, second part).
+    "constant",
+    "random_weighting",
+    "trimmed_mean",
+    "krum",
+    "con_fig",
+    "fairgrad",
 )
-GRAMIAN_METHODS = tuple(m for m in METHODS if m != "graddrop")
+# Krum needs K >= n_byzantine + 3: the K = 2 tests below run every other method, and
+# test_krum_at_three_tasks holds Krum to the same checks at K = 3.
+TWO_TASK_METHODS = tuple(m for m in METHODS if m != "krum")
+# Deterministic weights w (state.weights) with output sum_k w_k g_k; random_weighting has
+# random ones (test_random_weighting_values), trimmed_mean and graddrop none.
+GRAMIAN_METHODS = tuple(
+    m for m in TWO_TASK_METHODS if m not in ("graddrop", "trimmed_mean", "random_weighting")
+)
 
 
 def _params():
@@ -98,7 +112,10 @@ def outputs():
     params = _params()
     g, cases = _cases(np.random.default_rng(0))
     batch = jnp.asarray(np.stack(list(cases.values())))  # (cases, 2, 12)
-    txs = {m: optax.chain(samgs_optax.AGGREGATORS[m](2), optax.adam(1e-2, b1=B1)) for m in METHODS}
+    txs = {
+        m: optax.chain(samgs_optax.AGGREGATORS[m](2), optax.adam(1e-2, b1=B1))
+        for m in TWO_TASK_METHODS
+    }
 
     def run(flat):
         grads = _to_tree(flat)
@@ -119,7 +136,7 @@ def outputs():
                 _flat(out[m][1])[i],
                 None if out[m][2] is None else np.asarray(out[m][2][i], np.float64),
             )
-            for m in METHODS
+            for m in TWO_TASK_METHODS
         }
     return _flat(_to_tree(jnp.asarray(g)), 0), _flat(_to_tree(batch), 2), list(cases), result
 
@@ -127,7 +144,7 @@ def outputs():
 def test_every_method_chains_with_adam_under_jit(outputs):
     params = _params()
     _, _, _, result = outputs
-    for m in METHODS:
+    for m in TWO_TASK_METHODS:
         update = result["random"][m][0]
         assert jax.tree.structure(update) == jax.tree.structure(params), m
         for u, p in zip(jax.tree.leaves(update), jax.tree.leaves(params), strict=True):
@@ -157,7 +174,7 @@ def test_degenerate_inputs_values(outputs):
     g, _, _, result = outputs
     out = {case: {m: v[1] for m, v in per.items()} for case, per in result.items()}
     scale = np.abs(g).max()
-    for m in METHODS:
+    for m in TWO_TASK_METHODS:
         np.testing.assert_array_equal(out["zeros"][m], 0, err_msg=m)
     # Two identical gradients: every "averaging" method returns g itself.
     for m in ("mgda", "upgrad", "dualproj", "imtl_g", "aligned_mtl"):
@@ -182,13 +199,114 @@ def test_degenerate_inputs_values(outputs):
         assert np.abs(out["huge"][m]).max() > 0, m
 
 
+def test_random_weighting_values(outputs):
+    """Random weights: positive, summing to 1, and the output is sum_k w_k g_k with them."""
+    _, jac, names, result = outputs
+    for case in ("random", "identical", "opposite", "parallel", "huge"):
+        _, got, weights = result[case]["random_weighting"]
+        assert np.all(weights > 0) and abs(weights.sum() - 1) < 1e-6, (case, weights)
+        want = weights @ jac[names.index(case)]
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def _krum_cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    g = rng.normal(size=12).astype(np.float32)
+    return {
+        "random": rng.normal(size=(3, 12)).astype(np.float32),
+        "zeros": np.zeros((3, 12), np.float32),
+        "identical": np.stack([g, g, g]),
+        "opposite": np.stack([g, -g, g]),
+        "tiny": rng.normal(size=(3, 12)).astype(np.float32) * 1e-20,
+        "huge": rng.normal(size=(3, 12)).astype(np.float32) * 1e17,
+    }
+
+
+def test_krum_at_three_tasks():
+    """Krum (K >= 3) held to the K = 2 checks: jit + Adam, leaf dtypes, finite and non-zero
+    on degenerate inputs, zeros give 0, output = sum_k w_k g_k with one-hot state weights."""
+    params = _params()
+    cases = _krum_cases(np.random.default_rng(6))
+    batch = jnp.asarray(np.stack(list(cases.values())))  # (cases, 3, 12)
+    tx = optax.chain(samgs_optax.krum(3), optax.adam(1e-2, b1=B1))
+
+    def run(flat):
+        update, (agg_state, adam_state) = tx.update(_to_tree(flat), tx.init(params), params)
+        return update, jax.tree.map(lambda mu: mu / (1 - B1), adam_state[0].mu), agg_state.weights
+
+    update, aggregated, weights = jax.jit(jax.vmap(run))(batch)
+    jac = _flat(_to_tree(batch), 2)
+    for i, case in enumerate(cases):
+        one = jax.tree.map(lambda x, i=i: x[i], update)
+        assert jax.tree.structure(one) == jax.tree.structure(params)
+        for u, p in zip(jax.tree.leaves(one), jax.tree.leaves(params), strict=True):
+            assert u.shape == p.shape and u.dtype == p.dtype, case
+        got = _flat(aggregated)[i]
+        assert np.all(np.isfinite(got)) and np.all(np.isfinite(_flat(one, 0))), case
+        w = np.asarray(weights[i], np.float64)
+        np.testing.assert_array_equal(np.sort(w), [0, 0, 1], err_msg=case)
+        want = w @ jac[i]
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+        if case == "zeros":
+            np.testing.assert_array_equal(got, 0)
+        else:
+            assert np.abs(got).max() > 0, case
+
+
+def test_byzantine_task_is_left_out():
+    """K = 5, one task sends -100 g (Byzantine): Krum(n_byzantine=1) returns an honest task's
+    gradient, the trimmed mean (t = 1) stays within the honest tasks' range in every
+    coordinate, while the mean is dragged far off."""
+    k = 5
+    rng = np.random.default_rng(7)
+    g = rng.normal(size=12)
+    honest = g + 0.1 * rng.normal(size=(k - 1, 12))
+    jac = np.concatenate([honest[:2], -100 * g[None], honest[2:]]).astype(np.float32)
+    params = {"w": jnp.zeros(12)}
+    txs = {
+        "krum": samgs_optax.krum(k, n_byzantine=1),
+        "trimmed_mean": samgs_optax.trimmed_mean(k, trim_number=1),
+        "mean": samgs_optax.constant(k),
+    }
+
+    @jax.jit
+    def run(grads):
+        return {m: tx.update({"w": grads}, tx.init(params), params) for m, tx in txs.items()}
+
+    out = run(jnp.asarray(jac))
+    krum_w = np.asarray(out["krum"][1].weights)
+    assert krum_w[2] == 0 and krum_w.sum() == 1
+    np.testing.assert_allclose(out["krum"][0]["w"], krum_w @ jac, rtol=1e-6)
+    trimmed = np.asarray(out["trimmed_mean"][0]["w"])
+    lo, hi = honest.min(axis=0), honest.max(axis=0)
+    assert np.all((trimmed >= lo - 1e-5) & (trimmed <= hi + 1e-5))
+    assert np.linalg.norm(np.asarray(out["mean"][0]["w"]) - g) > 10 * np.linalg.norm(g)
+
+
+def test_robust_methods_refuse_bad_options():
+    """Krum: K >= n_byzantine + 3 and 1 <= n_selected <= K; trimmed mean: 2 t + 1 <= K."""
+    samgs_optax.krum(5, n_byzantine=2, n_selected=5)  # the limits are allowed
+    samgs_optax.trimmed_mean(5, trim_number=2)
+    with pytest.raises(ValueError, match=r"num_tasks >= n_byzantine \+ 3"):
+        samgs_optax.krum(5, n_byzantine=3)
+    with pytest.raises(ValueError, match="num_tasks >= 3"):
+        samgs_optax.krum(2)
+    with pytest.raises(ValueError, match="n_selected must be <= num_tasks"):
+        samgs_optax.krum(5, n_selected=6)
+    with pytest.raises(ValueError, match="n_selected must be >= 1"):
+        samgs_optax.krum(5, n_selected=0)
+    with pytest.raises(TypeError, match="n_byzantine must be a Python int"):
+        samgs_optax.krum(5, n_byzantine=1.0)
+    with pytest.raises(ValueError, match=r"2 \* trim_number \+ 1 <= num_tasks"):
+        samgs_optax.trimmed_mean(5, trim_number=3)
+
+
 def test_mask_heads_get_plain_sum():
     """Masked-out leaves get sum_k g_k and do not enter the Gramian."""
     k = 3
     params = _params()
     mask = {"dense": {"w": True, "b": True}, "emb": False}
     shared_params = {"dense": params["dense"]}
-    methods = ("upgrad", "pcgrad", "graddrop")
+    methods = ("upgrad", "pcgrad", "graddrop", "trimmed_mean", "krum")
     masked = {m: samgs_optax.AGGREGATORS[m](k, mask=mask) for m in methods}
     plain = {m: samgs_optax.AGGREGATORS[m](k) for m in methods}
     grads = _grads(np.random.default_rng(2), k)
@@ -226,7 +344,7 @@ def test_mask_callable_and_errors():
         samgs_optax.mgda(2, mask=jax.tree.map(lambda _: False, params)).init(params)
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "graddrop"])
+@pytest.mark.parametrize("method", ["pcgrad", "graddrop", "random_weighting"])
 def test_random_methods_are_reproducible(method):
     k = 3
     params = _params()
@@ -315,14 +433,15 @@ def test_bad_inputs_raise_like_samgs(method):
     with pytest.raises(TypeError, match="num_tasks must be a Python int"):
         factory(2.0)
     params = {"w": jnp.zeros(3)}
-    tx = factory(2)
+    k = 3 if method == "krum" else 2  # Krum needs K >= 3
+    tx = factory(k)
     state = tx.init(params)
     with pytest.raises(ValueError, match="leading task"):
-        tx.update({"w": jnp.zeros((3, 3))}, state, params)
+        tx.update({"w": jnp.zeros((k + 1, 3))}, state, params)
     with pytest.raises(TypeError, match="floating"):
-        tx.update({"w": jnp.zeros((2, 3), jnp.int32)}, state, params)
+        tx.update({"w": jnp.zeros((k, 3), jnp.int32)}, state, params)
     with pytest.raises(ValueError, match="does not match"):
-        tx.update({"v": jnp.zeros((2, 3))}, state, params)
+        tx.update({"v": jnp.zeros((k, 3))}, state, params)
 
 
 @pytest.mark.parametrize(
@@ -359,6 +478,18 @@ def test_bad_inputs_raise_like_samgs(method):
         ("sdmgrad", {"momentum": 1.0}, ValueError),
         ("sdmgrad", {"n_iter": 0}, ValueError),
         ("sdmgrad", {"pref_vector": [1.0]}, ValueError),
+        ("constant", {"weights": [1.0]}, ValueError),
+        ("constant", {"weights": [1.0, float("nan")]}, ValueError),
+        ("trimmed_mean", {"trim_number": 1}, ValueError),  # 2 t + 1 > K = 2
+        ("trimmed_mean", {"trim_number": -1}, ValueError),
+        ("trimmed_mean", {"trim_number": 0.5}, TypeError),
+        ("krum", {}, ValueError),  # K = 2 < 3
+        ("krum", {"n_byzantine": 0}, ValueError),
+        ("con_fig", {"pref_vector": [1.0, 2.0, 3.0]}, ValueError),
+        ("con_fig", {"pref_vector": [1.0, float("inf")]}, ValueError),
+        ("fairgrad", {"alpha": -1.0}, ValueError),
+        ("fairgrad", {"alpha": float("inf")}, ValueError),
+        ("fairgrad", {"max_iter": 0}, ValueError),
     ],
 )
 def test_bad_options_raise(method, options, error):

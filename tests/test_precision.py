@@ -55,7 +55,7 @@ def test_every_library_matmul_is_highest(name):
     state = tx.init(PARAMS)
     closed = jax.make_jaxpr(lambda g, s: tx.update(g, s, PARAMS))(grads, state)
     precisions = _dot_precisions(closed.jaxpr)
-    if name not in ("samgs", "linear_scalarization", "graddrop"):
+    if name not in ("samgs", "linear_scalarization", "graddrop", "trimmed_mean"):
         assert precisions, f"{name}: no matmul found (the check would be vacuous)"
     bad = [p for p in precisions if not _is_highest(p)]
     assert not bad, f"{name}: {len(bad)} of {len(precisions)} matmuls not at HIGHEST: {bad}"

@@ -27,26 +27,28 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "aggregators.md"
 # ------------------------------------------------------------------ the declared rule
 
 
-def output_size(factory, **options) -> str:
+def output_size(factory, ks=(2, 4), **options) -> str:
     """What a method returns for K copies of one gradient g, at K = 2 and 4, ||g|| = 1 and 100.
 
     "mean": ||u|| / ||g|| depends on neither K nor ||g|| (the size of one gradient);
     "sum": it grows as K; "normalised": it depends on ||g||; "other" otherwise.
+    ``ks``: the two K (Krum needs K >= 3).
     """
     params = {"w": jnp.zeros(3)}
     ratio = {}
-    for k in (2, 4):
+    k0, k1 = ks
+    for k in ks:
         for size in (1.0, 100.0):
             g = size * jnp.array([0.48, -0.8, 0.36])  # norm = size
             tx = factory(k, **options)
             out, _ = tx.update({"w": jnp.stack([g] * k)}, tx.init(params), params)
             ratio[k, size] = float(jnp.linalg.norm(out["w"]) / size)
     close = lambda a, b: abs(a - b) <= 1e-3 * max(abs(a), abs(b))  # noqa: E731
-    if not all(close(ratio[k, 1.0], ratio[k, 100.0]) for k in (2, 4)):
+    if not all(close(ratio[k, 1.0], ratio[k, 100.0]) for k in ks):
         return "normalised"
-    if close(ratio[4, 1.0], ratio[2, 1.0]):
+    if close(ratio[k1, 1.0], ratio[k0, 1.0]):
         return "mean"
-    return "sum" if close(ratio[4, 1.0], 2 * ratio[2, 1.0]) else "other"
+    return "sum" if close(ratio[k1, 1.0], k1 / k0 * ratio[k0, 1.0]) else "other"
 
 
 # Options that change a method's output size, probed besides the defaults.
@@ -54,6 +56,10 @@ VARIANTS = [(spec.name, {}) for spec in AGGREGATOR_SPECS] + [
     ("linear_scalarization", {"reduction": "mean"}),
     ("cagrad", {"rescale": 1}),
     ("cagrad", {"rescale": 2}),
+    ("fairgrad", {"alpha": 0.0}),
+    ("fairgrad", {"alpha": 1.0}),
+    ("trimmed_mean", {"trim_number": 0}),
+    ("krum", {"n_selected": 2}),
 ]
 
 
@@ -61,7 +67,7 @@ VARIANTS = [(spec.name, {}) for spec in AGGREGATOR_SPECS] + [
 def test_every_declaration_matches_the_probe(name, options):
     """Scaled by K exactly when the output is mean-sized; SAM-GS is the one stated exception."""
     spec = aggregator_spec(name)
-    size = output_size(spec.factory, **options)
+    size = output_size(spec.factory, ks=(3, 6) if name == "krum" else (2, 4), **options)
     if name == "samgs":  # the authors multiply it by K; its output does not follow ||g||
         assert size == "normalised" and spec.scales(**options) is True
     else:

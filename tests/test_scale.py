@@ -12,6 +12,8 @@ Expected scale behaviour, by method (``u(J)`` the update for J):
 - ``upgrad``, ``dualproj``: ``c u(J)`` unless the true trace ``c^2 tr(JJ^T)`` is
   below ``norm_eps`` (then the mean gradient); ``cagrad``: then 0;
 - ``nash_mtl``: ``u(cJ) = u(J)`` (alpha scales as 1/c);
+- ``constant``, ``random_weighting`` (same key), ``trimmed_mean``, ``krum``, ``con_fig``:
+  homogeneous; ``fairgrad``: ``u(cJ) = c^((1-a)/(1+a)) u(J)`` (w scales as c^(-2a/(1+a)));
 - ``cr_mogm`` (around ``upgrad``): as ``upgrad``; ``gradvac``, ``pcd``: homogeneous
   with ``eps=0``, and with the default ``eps`` wherever it is negligible;
   ``excess_mtl``, ``modo``: the mean for tiny c, one task's gradient (a vertex
@@ -37,6 +39,8 @@ from samgs_optax.similarity import task_norms
 K, D = 3, 30
 SCALES = (1e-20, 1e-30, 1e17, 1e20)
 HOMOGENEOUS = ("linear_scalarization", "graddrop", "pcgrad", "mgda", "imtl_g", "aligned_mtl")
+# Issue 12's stateless methods are homogeneous too (fairgrad: a power of c, its own test).
+HOMOGENEOUS += ("constant", "random_weighting", "trimmed_mean", "krum", "con_fig")
 TRACE_EPS = ("upgrad", "dualproj", "cagrad", "cr_mogm")  # cr_mogm wraps upgrad by default
 # Issue 12's stateful methods with other absolute constants (see their tests below).
 ABSOLUTE_EPS = ("gradvac", "pcd")
@@ -366,8 +370,32 @@ def test_sdmgrad_scale(c):
     _assert_close(_flat(step(jc)[0]), want, 1e-5, c)
 
 
+@pytest.mark.parametrize("c", SCALES)
+def test_fairgrad_scale(c):
+    """FairGrad (alpha = 2): w(cJ) = c^(-4/3) w(J) and u(cJ) = c^(-1/3) u(J), the weights
+    solving G w = w^(-1/2) on the float64 Gramian of cJ. At c = 1e-30 the weights (~1e39)
+    exceed float32: the state saturates, the update (combined as mantissa x 2^e) does not."""
+    a = 2.0
+    j = _jacobian()
+    jc = _scaled(j, c)
+    step = _step("fairgrad")
+    u, state = step(j)
+    u_c, state_c = step(jc)
+    _assert_close(_flat(u_c), c ** ((1 - a) / (1 + a)) * _flat(u), 1e-4, c)
+    want = c ** (-2 * a / (1 + a)) * np.asarray(state.weights, np.float64)
+    if np.abs(want).max() < np.finfo(np.float32).max:
+        w = np.asarray(state_c.weights, np.float64)
+        _assert_close(w, want, 1e-4, c)
+        g = jc.astype(np.float64) @ jc.T.astype(np.float64)
+        residual = np.linalg.norm(g @ w - w ** (-1 / a)) / np.linalg.norm(w ** (-1 / a))
+        assert residual < 1e-4, (c, residual)
+    else:
+        assert c == 1e-30
+
+
 def test_every_aggregator_is_covered():
     covered = {*HOMOGENEOUS, *TRACE_EPS, *ABSOLUTE_EPS, *SATURATING, "sdmgrad", "nash_mtl", "samgs"}
+    covered.add("fairgrad")  # test_fairgrad_scale
     assert covered == set(samgs_optax.AGGREGATORS)
 
 

@@ -33,9 +33,12 @@ import optax
 
 from samgs_optax.aggregators.aligned_mtl import aligned_mtl, aligned_mtl_weights
 from samgs_optax.aggregators.cagrad import cagrad, cagrad_weights
+from samgs_optax.aggregators.con_fig import con_fig, con_fig_weights
+from samgs_optax.aggregators.constant import constant, constant_is_mean
 from samgs_optax.aggregators.cr_mogm import CRMOGMState, cr_mogm
 from samgs_optax.aggregators.dualproj import dualproj, dualproj_weights
 from samgs_optax.aggregators.excess_mtl import ExcessMTLState, excess_mtl, excess_risks
+from samgs_optax.aggregators.fairgrad import fairgrad, fairgrad_is_mean, fairgrad_weights
 from samgs_optax.aggregators.graddrop import GradDropState, graddrop, graddrop_leaf
 from samgs_optax.aggregators.gradvac import (
     GradVacState,
@@ -44,13 +47,20 @@ from samgs_optax.aggregators.gradvac import (
     gradvac_weights,
 )
 from samgs_optax.aggregators.imtl_g import imtl_g, imtl_g_weights
+from samgs_optax.aggregators.krum import krum, krum_weights
 from samgs_optax.aggregators.linear_scalarization import linear_scalarization
 from samgs_optax.aggregators.mgda import mgda, mgda_weights
 from samgs_optax.aggregators.modo import MoDoState, modo, modo_weights, project_onto_simplex
 from samgs_optax.aggregators.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
 from samgs_optax.aggregators.pcd import PCDState, pcd, pcd_qp_weights, pcd_weights
 from samgs_optax.aggregators.pcgrad import PCGradState, pcgrad, pcgrad_weights
+from samgs_optax.aggregators.random_weighting import (
+    RandomWeightingState,
+    random_weighting,
+    random_weighting_weights,
+)
 from samgs_optax.aggregators.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
+from samgs_optax.aggregators.trimmed_mean import TrimmedMeanState, trimmed_mean, trimmed_mean_leaf
 from samgs_optax.aggregators.upgrad import upgrad, upgrad_weights
 from samgs_optax.samgs import samgs
 
@@ -144,6 +154,25 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
     AggregatorSpec(
         "sdmgrad", sdmgrad, True, "mean-sized (simplex weights and preference, over 1 + lambda)"
     ),
+    # Stateless methods of TorchJD 0.18 (issue 12, second part).
+    AggregatorSpec(
+        "constant",
+        constant,
+        constant_is_mean,
+        "K copies give (sum of the weights) g: scaled when the weights sum to 1 (default 1/K)",
+    ),
+    AggregatorSpec(
+        "random_weighting", random_weighting, True, "mean-sized (softmax weights sum to 1)"
+    ),
+    AggregatorSpec("trimmed_mean", trimmed_mean, True, "mean-sized (coordinate-wise trimmed mean)"),
+    AggregatorSpec("krum", krum, True, "mean-sized (one gradient, or the mean of n_selected)"),
+    AggregatorSpec("con_fig", con_fig, False, "K copies give K g (the sum of the projections)"),
+    AggregatorSpec(
+        "fairgrad",
+        fairgrad,
+        fairgrad_is_mean,
+        "alpha > 0: its size does not follow ||g|| (K^(1/(1+a)) ||g||^((1-a)/(1+a))); 0: mean",
+    ),
 )
 """Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
 
@@ -177,17 +206,24 @@ __all__ = [
     "NashMTLState",
     "PCDState",
     "PCGradState",
+    "RandomWeightingState",
     "SDMGradState",
+    "TrimmedMeanState",
     "aggregator_spec",
     "aligned_mtl",
     "aligned_mtl_weights",
     "cagrad",
     "cagrad_weights",
+    "con_fig",
+    "con_fig_weights",
+    "constant",
     "cr_mogm",
     "dualproj",
     "dualproj_weights",
     "excess_mtl",
     "excess_risks",
+    "fairgrad",
+    "fairgrad_weights",
     "graddrop",
     "graddrop_leaf",
     "gradvac",
@@ -195,6 +231,8 @@ __all__ = [
     "gradvac_weights",
     "imtl_g",
     "imtl_g_weights",
+    "krum",
+    "krum_weights",
     "linear_scalarization",
     "mgda",
     "mgda_weights",
@@ -208,8 +246,12 @@ __all__ = [
     "pcgrad",
     "pcgrad_weights",
     "project_onto_simplex",
+    "random_weighting",
+    "random_weighting_weights",
     "sdmgrad",
     "sdmgrad_weights",
+    "trimmed_mean",
+    "trimmed_mean_leaf",
     "upgrad",
     "upgrad_weights",
 ]
