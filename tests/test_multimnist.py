@@ -150,6 +150,74 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path):
     assert half["params_sha256"] != straight["params_sha256"]
 
 
+@pytest.mark.parametrize("method", mn.method_names())
+def test_every_method_builds_and_initialises(method):
+    """Every registered aggregator and scalarizer is a method (the list follows the registries)."""
+    import multimnist_model as mm
+
+    cfg = mn.Config(method=method)
+    _, params = mm.init_model(0)
+    built = mn.build_method(cfg, mm.shared_mask(params), 2)
+    opt_state = mn.init_opt_state(built, params, 2)
+    assert jax.tree.leaves(opt_state)
+    assert (built.scalarizer is not None) == (method in mn.scalarizer_methods())
+    assert built.per_task == (built.scalarizer is None and method != "ls")
+
+
+def test_method_names_follow_the_registries():
+    import multimnist_model as mm
+
+    import samgs_optax
+
+    names = mn.method_names()
+    assert len(names) == len(set(names))
+    skipped = mn.inapplicable_methods()  # e.g. Krum: needs 3 tasks
+    assert set(samgs_optax.AGGREGATORS) == (set(names) | set(skipped)) - {"ls", "samgs_g09"} - set(
+        mn.scalarizer_methods()
+    )
+    assert not set(skipped) & set(names) and "samgs" not in skipped
+    assert set(mn.scalarizer_methods().values()) == set(samgs_optax.SCALARIZERS)
+    _, params = mm.init_model(0)
+    for name in skipped:
+        with pytest.raises(ValueError, match="cannot run on MultiMNIST"):
+            mn.build_method(mn.Config(method=name), mm.shared_mask(params), 2)
+
+
+def test_benchmark_method_selection():
+    assert mb.select_methods("all") == mn.method_names()
+    default = mb.select_methods(None)
+    assert default == [m for m in mn.method_names() if m in mb.DEFAULT_METHODS]
+    assert {"ls", "samgs", "famo", "dwa", "uw", "random", "scale_invariant"} <= set(default)
+    assert mb.select_methods("famo, ls") == ["famo", "ls"]
+    with pytest.raises(SystemExit, match="unknown"):
+        mb.select_methods("famo,nope")
+    groups = mb.job_groups(mn.Config(), ["famo"])
+    assert [c.loss_scale for c in groups[0]] == [1.0] * 3 + [100.0] * 3
+
+
+@pytest.mark.parametrize("method", ["famo", "dwa"])
+def test_scalarizer_runs_resume_bit_identically(method, tmp_path):
+    """In process: FAMO's logits (and their Adam) and DWA's epoch averages are checkpointed;
+    a run stopped after epoch 1 and resumed equals a straight one, and the scalarizer's state
+    did move."""
+    cfg = mn.Config(method=method, seed=2, epochs=2, n_train=128, n_val=64, n_test=64)
+    data = mn.load_data(cfg)
+    cache: dict = {}
+    straight = mn.train(cfg, data, cache=cache, progress=False)
+    ckpt = str(tmp_path / method)
+    mn.train(cfg, data, checkpoint_dir=ckpt, stop_after=1, cache=cache, progress=False)
+    resumed = mn.train(cfg, data, checkpoint_dir=ckpt, resume=True, cache=cache, progress=False)
+    assert resumed["epochs_done"] == 2
+    assert mn.params_digest(resumed["params"]) == mn.params_digest(straight["params"])
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    _, built, state = mn.init_state(cfg)
+    manager = mn.checkpoint_manager(ckpt)
+    final = mn.restore_checkpoint(manager, state)["opt_state"]["scalarizer"]
+    initial = state["opt_state"]["scalarizer"]
+    pairs = zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
+
+
 def test_params_digest_sees_one_bit():
     params = {"a": np.zeros(3, np.float32), "b": np.ones((2, 2), np.float32)}
     flipped = {"a": np.array([0.0, np.float32(1e-45), 0.0], np.float32), "b": params["b"]}
