@@ -71,9 +71,19 @@ def registry() -> dict[str, Callable[..., optax.GradientTransformation]]:
     return dict(getattr(samgs_optax, "AGGREGATORS", {}))
 
 
+def _takes_two_tasks(name: str) -> bool:
+    try:
+        registry()[name](2)
+    except ValueError:  # e.g. Krum needs at least 3 tasks
+        return False
+    return True
+
+
 def available_methods() -> list[str]:
-    """ "ls", "samgs", then every other aggregator of the registry."""
-    return ["ls", "samgs"] + [m for m in registry() if m not in ("ls", "samgs")]
+    """ "ls", "samgs", then every other aggregator of the registry that takes the problems'
+    two tasks (Krum needs three)."""
+    others = [m for m in registry() if m not in ("ls", "samgs") and _takes_two_tasks(m)]
+    return ["ls", "samgs", *others]
 
 
 def make_optimizer(
