@@ -201,6 +201,11 @@ def test_scalarizer_options_are_the_authors():
     assert not parts.post_update and parts.learned_tx is None
     cfg = train.Config("nyuv2", method="random", seed=3, synthetic=True).resolved()
     assert train.scalarizer_options(cfg) == {"seed": 3}
+    for method in ("pcgrad", "graddrop", "gradvac", "random_weighting"):  # random aggregators
+        cfg = train.Config("nyuv2", method=method, seed=3, synthetic=True).resolved()
+        assert train.method_options(cfg)["seed"] == 3, method
+    upgrad = train.Config("nyuv2", method="upgrad", synthetic=True)
+    assert "seed" not in train.method_options(upgrad)
 
 
 def _scalarizer_step(method: str, **config):

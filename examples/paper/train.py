@@ -413,8 +413,9 @@ def method_options(cfg: Config) -> dict[str, Any]:
     if cfg.method == "samgs":
         return {"gamma": cfg.gamma, "b1": cfg.samgs_b1, "b2": cfg.samgs_b2}
     options = dict(METHOD_OPTIONS.get(cfg.method, {}))
-    if cfg.method in ("pcgrad", "graddrop"):
-        options["seed"] = cfg.seed
+    factory = samgs_optax.AGGREGATORS.get(cfg.method)
+    if factory is not None and "seed" in inspect.signature(factory).parameters:
+        options["seed"] = cfg.seed  # random methods (pcgrad, graddrop, gradvac, ...) follow --seed
     return options
 
 
