@@ -14,13 +14,15 @@ plain sum over tasks). The Gramian-based ones also expose their weighting as a
 pure function ``NAME_weights(G, ...)`` of the K x K Gramian.
 
 :data:`AGGREGATOR_SPECS` is the one list every method is declared in: its
-factory and whether the authors' recipe multiplies its output by K
-(:func:`samgs_optax.recipe` reads it). The rule: for K copies of one gradient g,
-a method whose output is the size of g (a *mean*, e.g. MGDA, UPGrad) is
-multiplied by K, so that the shared update matches the gradient of the summed
-loss; a method that already *sums* over tasks (LS, PCGrad, GradDrop) or whose
-output is *normalised* (Nash-MTL: its size does not follow ``||g||``) is not.
-SAM-GS is multiplied by K because its authors do so ("to match the sum loss").
+factory, whether the authors' recipe multiplies its output by K
+(:func:`samgs_optax.recipe` reads it), its family, paper and TorchJD class
+(``scripts/method_table.py`` prints the README's table from them). The rule:
+for K copies of one gradient g, a method whose output is the size of g (a
+*mean*, e.g. MGDA, UPGrad) is multiplied by K, so that the shared update
+matches the gradient of the summed loss; a method that already *sums* over
+tasks (LS, PCGrad, GradDrop) or whose output is *normalised* (Nash-MTL: its
+size does not follow ``||g||``) is not. SAM-GS is multiplied by K because its
+authors do so ("to match the sum loss").
 ``tests/test_recipe.py`` checks every declaration against that probe.
 """
 
@@ -68,7 +70,7 @@ Factory = Callable[..., optax.GradientTransformation]
 
 
 class AggregatorSpec(NamedTuple):
-    """One registered method: its factory and the recipe's scaling rule for it.
+    """One registered method: its factory, the recipe's scaling rule, family and reference.
 
     Attributes:
       name: the registry key.
@@ -77,12 +79,24 @@ class AggregatorSpec(NamedTuple):
         K; a callable ``(**options) -> bool`` where an option changes the output's
         size (``linear_scalarization(reduction="mean")``).
       reason: one line saying why.
+      family: what kind of method (``"Gramian weighting"``, ``"projection"``,
+        ``"random"``, ``"stateful"``, ``"coordinate-wise"``, ``"fixed weights"``,
+        comma-separated where several fit).
+      reference: the paper, short (authors, venue year).
+      torchjd: the TorchJD 0.18 class it equals (``""`` if none).
+
+    The last three have defaults only so that the positional form above keeps
+    working; every registered method fills them (``tests/test_method_table.py``),
+    and ``scripts/method_table.py`` prints the README's method table from them.
     """
 
     name: str
     factory: Factory
     scale_by_tasks: bool | Callable[..., bool]
     reason: str
+    family: str = ""
+    reference: str = ""
+    torchjd: str = ""
 
     def scales(self, **options: Any) -> bool:
         """The declared rule for this method built with ``options``."""
@@ -102,57 +116,154 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
         True,
         "the authors multiply it by K 'to match the sum loss'; its size does not follow "
         "||g|| (momentum branch over sqrt(h))",
+        family="stateful",
+        reference="Borsani et al., ECML PKDD 2025",
+        torchjd="",
     ),
     AggregatorSpec(
         "linear_scalarization",
         linear_scalarization,
         _mean_reduction,
         "the sum of the task gradients; with reduction='mean' the mean, times K",
+        family="fixed weights",
+        reference="the summed (or mean) loss",
+        torchjd="Sum",
     ),
     AggregatorSpec(
-        "pcgrad", pcgrad, False, "a sum over tasks, as the authors' PCGrad, which is not scaled"
+        "pcgrad",
+        pcgrad,
+        False,
+        "a sum over tasks, as the authors' PCGrad, which is not scaled",
+        family="projection",
+        reference="Yu et al., NeurIPS 2020",
+        torchjd="PCGrad",
     ),
     AggregatorSpec(
-        "mgda", mgda, True, "mean-sized (convex weights); the authors' MGDA weights sum to K"
+        "mgda",
+        mgda,
+        True,
+        "mean-sized (convex weights); the authors' MGDA weights sum to K",
+        family="Gramian weighting",
+        reference="Désidéri 2012; Sener & Koltun, NeurIPS 2018",
+        torchjd="MGDA",
     ),
     AggregatorSpec(
-        "cagrad", cagrad, True, "mean-sized (around the mean g0); the authors' CAGrad times K"
+        "cagrad",
+        cagrad,
+        True,
+        "mean-sized (around the mean g0); the authors' CAGrad times K",
+        family="Gramian weighting",
+        reference="Liu et al., NeurIPS 2021",
+        torchjd="CAGrad",
     ),
     AggregatorSpec(
-        "imtl_g", imtl_g, True, "mean-sized (weights sum to 1); the authors' IMTL-G is unscaled"
+        "imtl_g",
+        imtl_g,
+        True,
+        "mean-sized (weights sum to 1); the authors' IMTL-G is unscaled",
+        family="Gramian weighting",
+        reference="Liu et al., ICLR 2021",
+        torchjd="IMTLG",
     ),
     AggregatorSpec(
         "aligned_mtl",
         aligned_mtl,
         True,
         "mean-sized (TorchJD's mean weighting); the authors' version sums, then times K",
+        family="Gramian weighting",
+        reference="Senushkin et al., CVPR 2023",
+        torchjd="AlignedMTL",
     ),
     AggregatorSpec(
         "nash_mtl",
         nash_mtl,
         False,
         "its size does not follow ||g|| (G alpha = 1/alpha, max_norm); the authors' unscaled",
+        family="Gramian weighting, stateful",
+        reference="Navon et al., ICML 2022",
+        torchjd="NashMTL",
     ),
-    AggregatorSpec("upgrad", upgrad, True, "mean-sized (the mean of the projected gradients)"),
-    AggregatorSpec("dualproj", dualproj, True, "mean-sized (the projected mean gradient)"),
     AggregatorSpec(
-        "graddrop", graddrop, False, "a sum over tasks; the authors' GradDrop: mean times K"
+        "upgrad",
+        upgrad,
+        True,
+        "mean-sized (the mean of the projected gradients)",
+        family="Gramian weighting",
+        reference="Quinton & Rey, arXiv 2024",
+        torchjd="UPGrad",
+    ),
+    AggregatorSpec(
+        "dualproj",
+        dualproj,
+        True,
+        "mean-sized (the projected mean gradient)",
+        family="Gramian weighting",
+        reference="Lopez-Paz & Ranzato, NeurIPS 2017",
+        torchjd="DualProj",
+    ),
+    AggregatorSpec(
+        "graddrop",
+        graddrop,
+        False,
+        "a sum over tasks; the authors' GradDrop: mean times K",
+        family="coordinate-wise, random",
+        reference="Chen et al., NeurIPS 2020",
+        torchjd="GradDrop",
     ),
     # Stateful methods of TorchJD 0.18 (issue 12).
     AggregatorSpec(
-        "gradvac", gradvac, False, "a sum over tasks of the corrected gradients, as PCGrad"
+        "gradvac",
+        gradvac,
+        False,
+        "a sum over tasks of the corrected gradients, as PCGrad",
+        family="projection, stateful",
+        reference="Wang et al., ICLR 2021",
+        torchjd="GradVac",
     ),
-    AggregatorSpec("pcd", pcd, True, "mean-sized (rescaled to the primary gradient's norm)"),
+    AggregatorSpec(
+        "pcd",
+        pcd,
+        True,
+        "mean-sized (rescaled to the primary gradient's norm)",
+        family="Gramian weighting, stateful",
+        reference="Varam et al., TMLR 2026",
+        torchjd="PCD",
+    ),
     AggregatorSpec(
         "cr_mogm",
         cr_mogm,
         True,
         "mean-sized (a moving average of a mean-sized weighting's weights)",
+        family="Gramian weighting, stateful",
+        reference="Zhou et al., NeurIPS 2022",
+        torchjd="CRMOGMWeighting",
     ),
-    AggregatorSpec("excess_mtl", excess_mtl, True, "mean-sized (weights on the simplex)"),
-    AggregatorSpec("modo", modo, True, "mean-sized (weights on the simplex)"),
     AggregatorSpec(
-        "sdmgrad", sdmgrad, True, "mean-sized (simplex weights and preference, over 1 + lambda)"
+        "excess_mtl",
+        excess_mtl,
+        True,
+        "mean-sized (weights on the simplex)",
+        family="stateful",
+        reference="He et al., ICML 2024",
+        torchjd="ExcessMTL",
+    ),
+    AggregatorSpec(
+        "modo",
+        modo,
+        True,
+        "mean-sized (weights on the simplex)",
+        family="Gramian weighting, stateful",
+        reference="Chen et al., JMLR 2024",
+        torchjd="MoDoWeighting",
+    ),
+    AggregatorSpec(
+        "sdmgrad",
+        sdmgrad,
+        True,
+        "mean-sized (simplex weights and preference, over 1 + lambda)",
+        family="Gramian weighting, stateful",
+        reference="Xiao et al., NeurIPS 2023",
+        torchjd="SDMGradWeighting",
     ),
     # Stateless methods of TorchJD 0.18 (issue 12, second part).
     AggregatorSpec(
@@ -160,18 +271,54 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
         constant,
         constant_is_mean,
         "K copies give (sum of the weights) g: scaled when the weights sum to 1 (default 1/K)",
+        family="fixed weights",
+        reference="fixed user weights",
+        torchjd="Constant",
     ),
     AggregatorSpec(
-        "random_weighting", random_weighting, True, "mean-sized (softmax weights sum to 1)"
+        "random_weighting",
+        random_weighting,
+        True,
+        "mean-sized (softmax weights sum to 1)",
+        family="random",
+        reference="RLW, Lin et al., TMLR 2022",
+        torchjd="Random",
     ),
-    AggregatorSpec("trimmed_mean", trimmed_mean, True, "mean-sized (coordinate-wise trimmed mean)"),
-    AggregatorSpec("krum", krum, True, "mean-sized (one gradient, or the mean of n_selected)"),
-    AggregatorSpec("con_fig", con_fig, False, "K copies give K g (the sum of the projections)"),
+    AggregatorSpec(
+        "trimmed_mean",
+        trimmed_mean,
+        True,
+        "mean-sized (coordinate-wise trimmed mean)",
+        family="coordinate-wise",
+        reference="Yin et al., ICML 2018",
+        torchjd="TrimmedMean",
+    ),
+    AggregatorSpec(
+        "krum",
+        krum,
+        True,
+        "mean-sized (one gradient, or the mean of n_selected)",
+        family="Gramian weighting",
+        reference="Blanchard et al., NeurIPS 2017",
+        torchjd="Krum",
+    ),
+    AggregatorSpec(
+        "con_fig",
+        con_fig,
+        False,
+        "K copies give K g (the sum of the projections)",
+        family="Gramian weighting",
+        reference="Liu et al., ICLR 2025",
+        torchjd="ConFIG",
+    ),
     AggregatorSpec(
         "fairgrad",
         fairgrad,
         fairgrad_is_mean,
         "alpha > 0: its size does not follow ||g|| (K^(1/(1+a)) ||g||^((1-a)/(1+a))); 0: mean",
+        family="Gramian weighting",
+        reference="Ban & Ji, ICML 2024",
+        torchjd="FairGrad",
     ),
 )
 """Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
