@@ -109,12 +109,9 @@ def samgs(
     ``rescale=True``, exact to rounding for any representable norm, so
     :math:`\Psi`, :math:`h` and the branch do not depend on the gradients'
     scale (float32 gradients from ~1e-30 to ~1e20 times a unit Jacobian are
-    tested). A task whose plain sum of squares under- or overflows is
-    recomputed inside a ``lax.cond``: in the common case the step still makes
-    one pass over g for the norms, then the fused moments-and-output pass (the
-    test and the cond cost a few microseconds); the fallback reads g twice
-    more (under ``jax.vmap`` the cond becomes a select and both sides run).
-    The equalisation branch is homogeneous of degree 1 in the gradients' scale
+    tested), at no extra pass: the sums of squares scaled by :math:`2^{\mp 64}`
+    ride in the norms' own pass over g, then comes the fused moments-and-output
+    pass. The equalisation branch is homogeneous of degree 1 in the gradients' scale
     and the momentum branch of degree 2: its update overflows (or underflows)
     float32 when the square of the scale does, e.g. for gradients ~1e20, while
     the state stays finite.

@@ -27,20 +27,19 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
     ~1.8e19 as ``inf``.
 
     ``rescale=True`` makes every norm exact to rounding whenever it is
-    representable: a task whose sum of squares :math:`s_k` lies outside
-    :func:`~samgs_optax.gramian.gramian_range` (including exact zeros, which a
-    flushed tiny task cannot be told apart from) is recomputed under
-    ``jax.lax.cond``: one pass for the per-task maxima :math:`m_k = 2^{e_k} f`,
-    :math:`f \in [0.5, 1)`; if some flagged task has :math:`m_k > 0`, one more
-    for :math:`\hat s_k = \sum (g_k 2^{-e_k})^2` and :math:`n_k = 2^{e_k}
-    \sqrt{\hat s_k}` (powers of two are exact). Tasks in range keep the
-    first pass's value bit for bit. Cost when every task is in range: a K-element
-    test and the ``lax.cond``, a few microseconds (a SAM-GS step took 0.99x to 1.03x
-    the same step with plain norms on 2 CPU cores; ``docs/performance.md``); one pass more
-    when a task is exactly zero, two when one is tiny or huge (under ``jax.vmap``
-    both branches run). Per task, so unlike the Gramian's common scale even a task
-    1e-30 times smaller than the others keeps its norm. Entries below 1.2e-38
-    are flushed on CPU before any scaling can help.
+    representable, in the same single pass: with :math:`e` half the exponent range
+    (64 in float32), one variadic reduction per leaf accumulates
+    :math:`s_k = \sum g^2`, :math:`s^-_k = \sum (2^{-e} g)^2` and
+    :math:`s^+_k = \sum (2^{e} g)^2` (powers of two are exact), and each task takes
+    :math:`\sqrt{s_k}` when :math:`s_k` lies in
+    :func:`~samgs_optax.gramian.gramian_range`, :math:`2^{e}\sqrt{s^-_k}` when it
+    overflowed, :math:`2^{-e}\sqrt{s^+_k}` when it underflowed (or is zero). No
+    branch and no extra read of the gradients (the two scaled sums ride in the
+    same loop); tasks in range get the plain norm to rounding. Per task, so
+    unlike the Gramian's common scale even a task 1e-30 times smaller than the
+    others keeps its norm. Entries below 1.2e-38 are flushed on CPU before any
+    scaling can help. (An earlier ``lax.cond`` fallback cost a K x D buffer
+    inside a jitted training step: ``docs/performance.md``.)
     """
     leaves = [x.astype(dtype) for x in jax.tree.leaves(stacked)]
 
@@ -48,37 +47,40 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
         sq = [jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in xs]
         return sum(sq[1:], sq[0])
 
-    sq = sum_squares(leaves)
     if not rescale:
-        return jnp.sqrt(sq)
+        return jnp.sqrt(sum_squares(leaves))
 
-    lo, hi = gramian_range(sum(math.prod(x.shape[1:]) for x in leaves), dtype)
+    # Two more sums of squares of the same leaves, scaled by 2^-e and 2^e (e = half the
+    # exponent range: 64 in float32), in one variadic reduction per leaf with the plain
+    # one (one read of g): together they cover every representable norm.
     info = jnp.finfo(dtype)
+    e = int(info.maxexp) // 2
+    lo, hi = gramian_range(sum(math.prod(x.shape[1:]) for x in leaves), dtype)
+    scale_down, scale_up = jnp.asarray(2.0**-e, dtype), jnp.asarray(2.0**e, dtype)
 
-    def out_of_range(sq):
-        return ~((sq >= lo) & (sq <= hi))  # NaN is flagged too
-
-    def rescaled(sq):
-        flagged = out_of_range(sq)
-        big = jnp.max(
-            jnp.stack([jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim))) for x in leaves]), 0
+    def three_sums(x):
+        xd, xu = x * scale_down, x * scale_up
+        zero = jnp.zeros((), dtype)
+        return jax.lax.reduce(
+            (x * x, xd * xd, xu * xu),
+            (zero, zero, zero),
+            lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+            tuple(range(1, x.ndim)),
         )
-        usable = flagged & jnp.isfinite(big) & (big > 0)
-        _, e = jnp.frexp(jnp.where(usable, big, 1))  # big = f 2^e, f in [0.5, 1)
-        e = jnp.where(usable, jnp.clip(e, int(info.minexp), int(info.maxexp) - 2), 0)
-        e = e.astype(jnp.int32)
 
-        def scaled_sum():
-            factor = pow2_scale(jnp.ones_like(sq), -e)
-            return sum_squares([x * factor.reshape((-1,) + (1,) * (x.ndim - 1)) for x in leaves])
-
-        # Exactly-zero tasks (m_k = 0) need no second pass.
-        sq_hat = jax.lax.cond(jnp.any(usable), scaled_sum, lambda: sq)
-        rescaled_norms = pow2_scale(jnp.sqrt(jnp.where(usable, sq_hat, sq)), e)
-        return jnp.where(flagged, rescaled_norms, jnp.sqrt(sq))
-
-    # The common case (every task in range) adds one K-element test and the cond.
-    return jax.lax.cond(jnp.any(out_of_range(sq)), rescaled, jnp.sqrt, sq)
+    per_leaf = [three_sums(x) for x in leaves]
+    sq, down, up = (sum(s[i] for s in per_leaf[1:]) + per_leaf[0][i] for i in range(3))
+    in_range = (sq >= lo) & (sq <= hi)
+    too_big = ~in_range & ~(sq < lo)  # overflow (inf) or NaN
+    return jnp.where(
+        in_range,
+        jnp.sqrt(sq),
+        jnp.where(
+            too_big,
+            pow2_scale(jnp.sqrt(down), e),
+            pow2_scale(jnp.sqrt(up), -e),
+        ),
+    )
 
 
 def pairwise_similarity(norms: jax.Array) -> jax.Array:
