@@ -7,7 +7,10 @@ Same architecture, batch and K on both sides, on the backend each framework find
   and a 2048-10 head per task;
 * ``conv``: a conv encoder on 64 x 64 RGB images, 4 blocks of 3x3 conv (64, 128,
   256, 512 channels) + ReLU + 2x2 max-pool, then a 8192-512 dense layer (5.7M
-  shared parameters), and a 512-10 head per task.
+  shared parameters), and a 512-10 head per task. Our 2x2 max-pool is
+  ``x.reshape(B, H/2, 2, W/2, 2, C).max((2, 4))`` by default (``--pool reshape``), the same
+  function as ``nnx.max_pool`` (``--pool reduce_window``) with a backward pass that XLA:CPU
+  runs faster and in less memory (docs/performance.md); PyTorch uses ``nn.MaxPool2d``.
 
 Each task k has its own labels and a cross-entropy loss. Per configuration,
 each in its own process so that its memory figures are its own:
@@ -219,9 +222,16 @@ def jax_child(cfg: dict) -> dict:
 
         def __call__(self, x):
             for conv in self.encoder[:-1]:
-                x = nnx.max_pool(nnx.relu(conv(x)), (2, 2), (2, 2))
+                x = pool(nnx.relu(conv(x)))
             x = nnx.relu(self.encoder[-1](x.reshape(x.shape[0], -1)))
             return jnp.stack([head(x) for head in self.heads])
+
+    def pool(x):
+        """2x2 max-pool, stride 2: ``--pool reduce_window`` (``nnx.max_pool``) or ``reshape``."""
+        if cfg["pool"] == "reduce_window":
+            return nnx.max_pool(x, (2, 2), (2, 2))
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
     model = (Mlp if cfg["model"] == "mlp" else Conv)(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -331,6 +341,12 @@ def main() -> None:
     parser.add_argument(
         "--torch-python", default=os.environ.get("SAMGS_TORCH_PYTHON", DEFAULT_TORCH_PYTHON)
     )
+    parser.add_argument(
+        "--pool",
+        default="reshape",
+        choices=("reshape", "reduce_window"),
+        help="how our conv model writes its 2x2 max-pool (same function; see docs/performance.md)",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
@@ -358,7 +374,14 @@ def main() -> None:
     for model in models:
         for k in ks:
             batch = args.batch or BATCH[backend][model]
-            cfg = {"model": model, "k": k, "batch": batch, "steps": steps, "mode": args.mode}
+            cfg = {
+                "model": model,
+                "k": k,
+                "batch": batch,
+                "steps": steps,
+                "mode": args.mode,
+                "pool": args.pool,
+            }
             r = {**cfg, **run_child("jax", cfg, sys.executable)}
             if tpy is not None:
                 t = run_child("torch", cfg, tpy)
@@ -432,7 +455,8 @@ def main() -> None:
         f"- machine: {_common.machine()}; {torch_line}; load {_common.load()}",
         f"- command: `{_common.command()}`; date: {_common.now()}",
         f"- medians of {steps} steps after 2 warm-up steps, each configuration in its own "
-        f"processes; ours: `value_and_jacrev(mode={args.mode!r})` + the authors' recipe; "
+        f"processes; ours: `value_and_jacrev(mode={args.mode!r})` + the authors' recipe, "
+        f"conv max-pool written as `--pool {args.pool}`; "
         "floor: one forward + K backward passes (`t_fwd + K (t_grad - t_fwd)`, same process); "
         "ours MiB: XLA's buffers for one step; authors MiB: peak RSS growth (CPU) or "
         "`max_memory_allocated` (CUDA).",
