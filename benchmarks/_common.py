@@ -367,3 +367,17 @@ Written by the scripts in `benchmarks/` (each replaces its own section). Figures
 medians over interleaved rounds on a shared machine; compare ratios within one
 section, not absolute times across sections.
 """
+
+
+def run_child(script: str, kind: str, cfg: dict, python: str) -> dict:
+    """Runs ``python script --{kind}-child JSON(cfg)`` in its own process (so that its memory
+    figures are its own) and returns the JSON object its last stdout line holds."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [python, script, f"--{kind}-child", json.dumps(cfg)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} child {cfg} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -230,15 +229,6 @@ def torch_child(cfg: dict) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def run_child(kind: str, cfg: dict, python: str) -> dict:
-    proc = subprocess.run(
-        [python, __file__, f"--{kind}-child", json.dumps(cfg)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} child {cfg} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CelebA LS at batch 8, one step")
@@ -277,13 +267,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for text in texts:
         cfg = {**parse_config(text), "steps": steps}
-        r = {**cfg, **run_child("jax", cfg, sys.executable)}
+        r = {**cfg, **_common.run_child(__file__, "jax", cfg, sys.executable)}
         line = (
             f"{text:26s} ours {r['step_s']:8.3f} s/step (compile {r['compile_s']:5.1f} s, "
             f"{r['gflop']:8.0f} GFLOP, XLA {r['xla_mib']:7.0f} MiB)"
         )
         if args.authors_repo:
-            t = run_child("torch", {**cfg, "authors_repo": args.authors_repo}, args.torch_python)
+            t = _common.run_child(
+                __file__, "torch", {**cfg, "authors_repo": args.authors_repo}, args.torch_python
+            )
             r.update({f"torch_{key}": v for key, v in t.items()})
             line += (
                 f"  authors {t['step_s']:8.3f} s/step ({t['peak_mib']:7.0f} MiB)"

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -312,15 +311,6 @@ def jax_child(cfg: dict) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def run_child(kind: str, cfg: dict, python: str) -> dict:
-    proc = subprocess.run(
-        [python, __file__, f"--{kind}-child", json.dumps(cfg)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} child {cfg} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def torch_python(option: str) -> str | None:
     try:
         import torch  # noqa: F401
@@ -382,9 +372,9 @@ def main() -> None:
                 "mode": args.mode,
                 "pool": args.pool,
             }
-            r = {**cfg, **run_child("jax", cfg, sys.executable)}
+            r = {**cfg, **_common.run_child(__file__, "jax", cfg, sys.executable)}
             if tpy is not None:
-                t = run_child("torch", cfg, tpy)
+                t = _common.run_child(__file__, "torch", cfg, tpy)
                 r.update({f"torch_{key}": v for key, v in t.items() if key.endswith(("ms", "mib"))})
                 r["torch_device"], r["torch_version"] = t["device"], t["torch"]
                 r["torch_threads"] = t["threads"]

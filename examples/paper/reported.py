@@ -13,8 +13,14 @@ gives the paper's Delta m% to its rounding (within 0.15), except for the rows li
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import metrics  # noqa: E402
 
 # The paper's row label -> the trainer's --method name. SI, RLW, DWA, UW, FAMO and GradNorm
 # weight the losses (scalarizers), the others aggregate per-task gradients.
@@ -55,8 +61,8 @@ class Table(NamedTuple):
 
 CITYSCAPES = Table(
     "Table 1 (CityScapes, SegNet-MTAN, 2 tasks)",
-    ("mean_iou", "pixel_accuracy", "abs_err", "rel_err"),
-    (True, True, False, False),
+    metrics.CITYSCAPES_COLUMNS,
+    metrics.CITYSCAPES_HIGHER_IS_BETTER,
     ("mean_iou", "pixel_accuracy"),
     {
         "STL": (74.01, 93.16, 0.0125, 27.77),
@@ -80,18 +86,8 @@ CITYSCAPES = Table(
 
 NYUV2 = Table(
     "Table 2 (NYU-v2, SegNet-MTAN, 3 tasks)",
-    (
-        "mean_iou",
-        "pixel_accuracy",
-        "abs_err",
-        "rel_err",
-        "angle_mean",
-        "angle_median",
-        "within_11_25",
-        "within_22_5",
-        "within_30",
-    ),
-    (True, True, False, False, False, False, True, True, True),
+    metrics.NYUV2_COLUMNS,
+    metrics.NYUV2_HIGHER_IS_BETTER,
     ("mean_iou", "pixel_accuracy", "within_11_25", "within_22_5", "within_30"),
     {
         "STL": (38.3, 63.76, 0.6754, 0.278, 25.01, 19.21, 30.14, 57.2, 69.15),
