@@ -43,6 +43,7 @@ KS = (4, 9, 20)
 D_MAX = 100
 SCALES = (0.0, 1e-10, 1e3, 1e5, 1e10, 1e15)
 N_PERMUTATIONS = 5
+CHUNK = 128  # matrices per compiled call, see _outputs
 
 STRUCTURE, NON_CONFLICTING, PERMUTATION, LINEAR, STATIONARITY = (
     "structure",
@@ -255,8 +256,17 @@ def _outputs(name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     def apply(stack):
         return jax.vmap(one, in_axes=(0, None))(stack, tx.init(params))
 
-    u, w = apply(_inputs(k)[1])
-    return np.asarray(u, np.float64), (np.asarray(w, np.float64) if w.shape[-1] else None)
+    # In chunks of CHUNK matrices (zero-padded: one compile): CAGrad's program vmapped over
+    # all 339 matrices of K = 20 at once deadlocks XLA:CPU (jaxlib 0.10.2: every worker
+    # idle, the result never ready; not with
+    # --xla_cpu_enable_concurrency_optimized_scheduler=false, nor in chunks of 128).
+    stack = _inputs(k)[1]
+    n = len(stack)
+    padded = np.concatenate([stack, np.zeros((-n % CHUNK, *stack.shape[1:]), stack.dtype)])
+    parts = [apply(padded[i : i + CHUNK]) for i in range(0, len(padded), CHUNK)]
+    u = np.concatenate([np.asarray(p[0], np.float64) for p in parts])[:n]
+    w = np.concatenate([np.asarray(p[1], np.float64) for p in parts])[:n]
+    return u, (w if w.shape[-1] else None)
 
 
 CASES = [(name, prop, k) for name, (_, props) in PROPERTIES.items() for prop in props for k in KS]
