@@ -136,6 +136,8 @@ def test_bench_trainer_vs_authors_quick_runs_without_torch():
 
 def test_bench_paper_quick_runs():
     """examples/paper/train.py's step at CelebA's real image shape, timed (PyTorch not asked)."""
+    for module in ("PIL", "tqdm"):  # the examples extra, which train.py needs
+        pytest.importorskip(module)
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_paper.py"), "--quick"],
         capture_output=True, text=True, timeout=600,
