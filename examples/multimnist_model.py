@@ -152,6 +152,8 @@ def make_train_step(
         losses = losses_fn(params, images, labels, loss_weights)
         return jnp.sum(losses), losses
 
+    update = optax.with_extra_args_support(tx).update
+
     @jax.jit
     def step(params, opt_state, images, labels, loss_weights):
         if per_task:
@@ -161,7 +163,9 @@ def make_train_step(
             (_, losses), grads = jax.value_and_grad(summed, has_aux=True)(
                 params, images, labels, loss_weights
             )
-        updates, opt_state = tx.update(grads, opt_state, params)
+        # task_losses: for the loss-aware aggregators (GradNorm, MoCo, DB-MTL); chains drop it
+        # for every other transform.
+        updates, opt_state = update(grads, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, losses
 
     return step

@@ -107,12 +107,13 @@ def make_runner(
     ``xs[:, t]`` is the point after t updates; ``losses[:, t]`` the task losses there.
     """
     value_and_grads = samgs_optax.value_and_jacrev(problem)
+    update = optax.with_extra_args_support(tx).update  # task_losses for the loss-aware methods
 
     def one_start(x0: jax.Array) -> tuple[jax.Array, jax.Array]:
         def step(carry, _):
             x, state = carry
             losses, grads = value_and_grads(x)
-            updates, state = tx.update(grads, state, x)
+            updates, state = update(grads, state, x, task_losses=losses)
             return (optax.apply_updates(x, updates), state), (x, losses)
 
         (x_final, _), (xs, losses) = jax.lax.scan(step, (x0, tx.init(x0)), length=steps)

@@ -8,7 +8,11 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
+
+import samgs_optax
+from samgs_optax.aggregators import aggregator_spec
 
 # A pytree of several leaves with different shapes (D = 18 + 20 + 4 + 1 = 43).
 LEAF_SHAPES = {"conv": (3, 3, 2), "dense": {"w": (5, 4), "b": (4,)}, "scale": ()}
@@ -64,6 +68,38 @@ def relative_error(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = np.max(np.abs(want))
     return np.max(np.abs(got - want)) / (scale if scale > 0 else 1.0)
+
+
+def with_task_losses(tx, task_losses):
+    """``tx`` whose update passes these per-task losses unless the call gives its own.
+
+    Generic tests run every registered method through the same calls; the
+    loss-aware ones (``AggregatorSpec.needs_losses``) get fixed losses this way.
+    """
+    inner = optax.with_extra_args_support(tx)
+
+    def update(updates, state, params=None, **extra_args):
+        extra_args.setdefault("task_losses", task_losses)
+        return inner.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def make_aggregator(name, num_tasks, **options):
+    """``samgs_optax.AGGREGATORS[name](num_tasks, **options)``; a loss-aware method
+    gets equal per-task losses of 1 (so permutation and scale properties hold)."""
+    tx = samgs_optax.AGGREGATORS[name](num_tasks, **options)
+    if aggregator_spec(name).needs_losses:
+        tx = with_task_losses(tx, np.ones(num_tasks, np.float32))
+    return tx
+
+
+def make_recipe(name, num_tasks, *args, **options):
+    """``samgs_optax.recipe(name, ...)`` with equal losses for a loss-aware method."""
+    tx = samgs_optax.recipe(name, num_tasks, *args, **options)
+    if isinstance(name, str) and aggregator_spec(name).needs_losses:
+        tx = with_task_losses(tx, np.ones(num_tasks, np.float32))
+    return tx
 
 
 @pytest.fixture

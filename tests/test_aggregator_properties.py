@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_aggregator
 
 import samgs_optax
 
@@ -245,7 +246,7 @@ def _options(name: str, k: int) -> dict:
 def _outputs(name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The method applied once, from its initial state, to every stacked matrix of K rows:
     the outputs and, for the methods whose state records them, the task weights."""
-    tx = samgs_optax.AGGREGATORS[name](k, **_options(name, k))
+    tx = make_aggregator(name, k, **_options(name, k))
     params = {"w": jnp.zeros(D_MAX)}
 
     def one(j, state):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import make_aggregator
 
 import samgs_optax
 
@@ -113,7 +114,7 @@ def outputs():
     g, cases = _cases(np.random.default_rng(0))
     batch = jnp.asarray(np.stack(list(cases.values())))  # (cases, 2, 12)
     txs = {
-        m: optax.chain(samgs_optax.AGGREGATORS[m](2), optax.adam(1e-2, b1=B1))
+        m: optax.chain(make_aggregator(m, 2), optax.adam(1e-2, b1=B1))
         for m in TWO_TASK_METHODS
     }
 
@@ -307,8 +308,8 @@ def test_mask_heads_get_plain_sum():
     mask = {"dense": {"w": True, "b": True}, "emb": False}
     shared_params = {"dense": params["dense"]}
     methods = ("upgrad", "pcgrad", "graddrop", "trimmed_mean", "krum")
-    masked = {m: samgs_optax.AGGREGATORS[m](k, mask=mask) for m in methods}
-    plain = {m: samgs_optax.AGGREGATORS[m](k) for m in methods}
+    masked = {m: make_aggregator(m, k, mask=mask) for m in methods}
+    plain = {m: make_aggregator(m, k) for m in methods}
     grads = _grads(np.random.default_rng(2), k)
 
     @jax.jit

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_aggregator
 
 import samgs_optax
 
@@ -49,7 +50,7 @@ def _is_highest(precision) -> bool:
 
 @pytest.mark.parametrize("name", sorted(samgs_optax.AGGREGATORS))
 def test_every_library_matmul_is_highest(name):
-    tx = samgs_optax.AGGREGATORS[name](K)
+    tx = make_aggregator(name, K)
     rng = np.random.default_rng(0)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(K, *p.shape)), p.dtype), PARAMS)
     state = tx.init(PARAMS)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_aggregator
 
 import samgs_optax
 from samgs_optax.gramian import gramian, gramian_range, pow2_scale, scaled_gramian
@@ -79,7 +80,7 @@ def _true_trace(j: np.ndarray) -> float:
 @functools.cache
 def _step(name: str, **options):
     """One jitted update from a fresh state: (update, state) for a (K, D) Jacobian."""
-    tx = samgs_optax.AGGREGATORS[name](K, **options)
+    tx = make_aggregator(name, K, **options)
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
 
     @jax.jit
@@ -92,7 +93,7 @@ def _step(name: str, **options):
 @functools.cache
 def _steps(name: str, **options):
     """Two jitted updates from a fresh state (J1, then J2): (update, state) of the second."""
-    tx = samgs_optax.AGGREGATORS[name](K, **options)
+    tx = make_aggregator(name, K, **options)
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
 
     @jax.jit
@@ -109,7 +110,7 @@ def _with_traced_eps(name: str):
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), _tree(_jacobian()))
 
     def one(tree, eps):
-        tx = samgs_optax.AGGREGATORS[name](K, norm_eps=eps)
+        tx = make_aggregator(name, K, norm_eps=eps)
         return tx.update(tree, tx.init(params), params)[0]
 
     @jax.jit

@@ -576,6 +576,8 @@ def make_train_step(
         losses = loss_fn(model, batch)
         return jnp.sum(losses), losses
 
+    update = optax.with_extra_args_support(tx).update
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(state: nnx.State, opt_state: PyTree, batch: Batch):
         model = nnx.merge(graphdef, state)
@@ -585,7 +587,9 @@ def make_train_step(
         else:
             (_, losses), grads = nnx.value_and_grad(summed, has_aux=True)(model, batch)
         params = nnx.state(model, nnx.Param)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        # task_losses: for the loss-aware aggregators (GradNorm, MoCo, DB-MTL); chains drop it
+        # for every other transform.
+        updates, opt_state = update(grads, opt_state, params, task_losses=losses)
         nnx.update(model, optax.apply_updates(params, updates))
         return nnx.state(model), opt_state, losses
 

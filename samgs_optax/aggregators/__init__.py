@@ -84,9 +84,15 @@ class AggregatorSpec(NamedTuple):
         comma-separated where several fit).
       reference: the paper, short (authors, venue year).
       torchjd: the TorchJD 0.18 class it equals (``""`` if none).
+      needs_losses: whether the update needs the per-task losses of the batch
+        the gradients come from, passed as an extra argument
+        ``tx.update(grads, state, params, task_losses=losses)`` (a (K,) array;
+        ``optax.chain`` forwards it and drops it for transforms that do not
+        take it, so a training step can always pass it). LibMTL's GradNorm,
+        MoCo and DB-MTL do.
 
-    The last three have defaults only so that the positional form above keeps
-    working; every registered method fills them (``tests/test_method_table.py``),
+    ``family``, ``reference`` and ``torchjd`` have defaults only so that the
+    positional form above keeps working; every registered method fills them (``tests/test_method_table.py``),
     and ``scripts/method_table.py`` prints the README's method table from them.
     """
 
@@ -97,6 +103,7 @@ class AggregatorSpec(NamedTuple):
     family: str = ""
     reference: str = ""
     torchjd: str = ""
+    needs_losses: bool = False
 
     def scales(self, **options: Any) -> bool:
         """The declared rule for this method built with ``options``."""
