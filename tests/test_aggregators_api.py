@@ -113,10 +113,7 @@ def outputs():
     params = _params()
     g, cases = _cases(np.random.default_rng(0))
     batch = jnp.asarray(np.stack(list(cases.values())))  # (cases, 2, 12)
-    txs = {
-        m: optax.chain(make_aggregator(m, 2), optax.adam(1e-2, b1=B1))
-        for m in TWO_TASK_METHODS
-    }
+    txs = {m: optax.chain(make_aggregator(m, 2), optax.adam(1e-2, b1=B1)) for m in TWO_TASK_METHODS}
 
     def run(flat):
         grads = _to_tree(flat)

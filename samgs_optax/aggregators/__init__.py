@@ -92,8 +92,9 @@ class AggregatorSpec(NamedTuple):
         MoCo and DB-MTL do.
 
     ``family``, ``reference`` and ``torchjd`` have defaults only so that the
-    positional form above keeps working; every registered method fills them (``tests/test_method_table.py``),
-    and ``scripts/method_table.py`` prints the README's method table from them.
+    positional form above keeps working; every registered method fills them
+    (``tests/test_method_table.py``), and ``scripts/method_table.py`` prints the
+    README's method table from them.
     """
 
     name: str
