@@ -66,3 +66,27 @@ def test_table_states_the_declarations():
         assert cells[1] == spec.family and cells[2] == spec.reference
         assert cells[3] == (f"`{spec.torchjd}`" if spec.torchjd else "none")
         assert cells[4].split()[0] == ("yes" if spec.scales() else "no")
+
+
+SCALARIZERS_DOC = ROOT / "docs" / "scalarizers.md"
+
+
+def test_scalarizers_doc_table_states_the_registry():
+    """docs/scalarizers.md's table: one row per ``SCALARIZER_SPECS`` entry, in order, with
+    its reference, TorchJD class, state type and the measured errors the README states."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split(" | ")]
+        for line in SCALARIZERS_DOC.read_text().splitlines()
+        if re.match(r"^\| `\w+` \|", line)
+    ]
+    assert [r[0] for r in rows] == [f"`{spec.name}`" for spec in SCALARIZER_SPECS]
+    for spec, (_, paper, torchjd, state, error) in zip(SCALARIZER_SPECS, rows, strict=True):
+        assert paper == spec.paper, spec.name
+        assert torchjd == (f"`{spec.torchjd}`" if spec.torchjd else "none"), spec.name
+        init = spec.factory(3, **spec.example(3)).init()
+        assert state == f"`{type(init).__name__}`", spec.name
+        measured = method_table.MEASURED[f"scalarizers.{spec.name}"]
+        if spec.torchjd:  # the README's figures are this table's
+            assert measured.startswith(error), (spec.name, error, measured)
+        else:
+            assert "NumPy transcription" in error and "NumPy transcription" in measured
