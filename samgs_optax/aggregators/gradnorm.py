@@ -11,6 +11,7 @@ import optax
 
 from samgs_optax import _validation
 from samgs_optax._layout import Mask, merge, resolve_layout, split
+from samgs_optax.aggregators._losses import check_task_losses
 from samgs_optax.gramian import combine
 from samgs_optax.similarity import task_norms
 
@@ -42,24 +43,6 @@ class GradNormState(NamedTuple):
     initial_losses: chex.Array
     opt_state: optax.OptState
     weights: chex.Array
-
-
-def check_task_losses(name: str, task_losses: Any, num_tasks: int) -> jax.Array:
-    """The (K,) floating array of per-task losses, or a clear error naming ``name``."""
-    if task_losses is None:
-        raise TypeError(
-            f"{name} needs the per-task losses: "
-            "tx.update(grads, state, params, task_losses=losses)."
-        )
-    losses = jnp.asarray(task_losses)
-    if losses.shape != (num_tasks,):
-        raise ValueError(
-            f"{name}: task_losses must have shape ({num_tasks},) (one loss per task, "
-            f"num_tasks={num_tasks}), got shape {losses.shape}."
-        )
-    if not jnp.issubdtype(losses.dtype, jnp.floating):
-        losses = losses.astype(jnp.float32)
-    return losses
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -272,10 +255,10 @@ def gradnorm(
         **extra_args: Any,
     ):
         del params, extra_args
-        losses = check_task_losses("gradnorm", task_losses, num_tasks)
-        shared, heads = split(updates, state.shared, num_tasks)
         scalar = state.logits.dtype
-        losses = jax.lax.stop_gradient(losses).astype(scalar)
+        losses = check_task_losses("gradnorm", task_losses, num_tasks, scalar)
+        losses = jax.lax.stop_gradient(losses)
+        shared, heads = split(updates, state.shared, num_tasks)
         count = state.count
         warmup = jnp.asarray(warmup_steps, jnp.int32)
 
