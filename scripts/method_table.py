@@ -60,6 +60,11 @@ MEASURED: dict[str, str] = {
     "con_fig": "1.1e-05 / 1.8e-14",
     "fairgrad": "2.7e-06 / 3.1e-08: TorchJD's SciPy least squares stops at residual 1.5e-08, "
     "ours at 1.4e-14 (`alpha=0`: 8.0e-08 / 1.2e-16)",
+    # tests/test_moco_db_mtl.py's header comment (docs/aggregators.md, "MoCo and DB-MTL"):
+    # 6 steps x 3 sequences x K in {2, 3, 5}, state carried, vs a float64 NumPy transcription.
+    "moco": "7.5e-07 / 8.8e-16 vs a NumPy transcription of LibMTL's `MoCo` (incl. the paper's "
+    "projection form), 6 steps",
+    "db_mtl": "5.5e-07 / 2.8e-15 vs a NumPy transcription of LibMTL's `DB_MTL`, 6 steps",
     # docs/scalarizers.md's table (`python tests/test_scalarizers_golden.py`):
     # max|ours - TorchJD| / max|TorchJD| over totals, weights and internal updates, K = 2, 5.
     "scalarizers.mean": "3.6e-08 / 1.2e-16",

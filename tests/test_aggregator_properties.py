@@ -128,6 +128,11 @@ PROPERTIES: dict[str, tuple[dict, dict[str, object]]] = {
     # SDMGrad's inner projected-gradient loop (TorchJD's lr 10) jumps between corners of the
     # simplex: its weights depend on the summation order at 1e-4 (K = 20), so structure only.
     "sdmgrad": ({}, {STRUCTURE: None}),
+    # Loss-aware (equal losses of 1, see conftest.make_aggregator): positive weights on the
+    # normalised gradients (MoCo: softmax weights on g_i / ||g_i||; DB-MTL: max ||b|| / ||b_i||
+    # on b_i), so u = 0 only at a strongly stationary J. Neither is non-conflicting or linear.
+    "moco": ({}, {STRUCTURE: None, PERMUTATION: None, STATIONARITY: None}),
+    "db_mtl": ({}, {STRUCTURE: None, PERMUTATION: None, STATIONARITY: None}),
 }
 
 

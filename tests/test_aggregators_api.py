@@ -40,14 +40,20 @@ METHODS = (
     "krum",
     "con_fig",
     "fairgrad",
+    # Loss-aware methods of LibMTL (issue 12).
+    "moco",
+    "db_mtl",
 )
 # Krum needs K >= n_byzantine + 3: the K = 2 tests below run every other method, and
 # test_krum_at_three_tasks holds Krum to the same checks at K = 3.
 TWO_TASK_METHODS = tuple(m for m in METHODS if m != "krum")
 # Deterministic weights w (state.weights) with output sum_k w_k g_k; random_weighting has
-# random ones (test_random_weighting_values), trimmed_mean and graddrop none.
+# random ones (test_random_weighting_values), trimmed_mean and graddrop none; moco and db_mtl
+# weigh their per-task tracks / buffers, not this step's g_k (tests/test_moco_db_mtl.py).
 GRAMIAN_METHODS = tuple(
-    m for m in TWO_TASK_METHODS if m not in ("graddrop", "trimmed_mean", "random_weighting")
+    m
+    for m in TWO_TASK_METHODS
+    if m not in ("graddrop", "trimmed_mean", "random_weighting", "moco", "db_mtl")
 )
 
 

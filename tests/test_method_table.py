@@ -32,6 +32,7 @@ FAMILIES = {
     "stateful",
     "coordinate-wise",
     "fixed weights",
+    "loss-aware",
 }
 
 

@@ -335,6 +335,30 @@ def test_losses_reach_the_method_through_chain_and_inject_hyperparams(factory):
 
 
 @pytest.mark.parametrize("factory", [moco, db_mtl])
+def test_the_recipe_forwards_the_losses_and_does_not_scale(factory):
+    """samgs_optax.recipe(name): the losses reach the method through the masked clip and
+    the optimizer; the trunk is clipped to norm 1 but not multiplied by K, heads untouched."""
+    k, params = 3, _params()
+    grads = to_tree(50.0 * np.random.default_rng(6).normal(size=(k, 17)), np.float32)
+    losses = jnp.array([3.0, 10.0, 20.0])  # MoCo's trunk is loss-sized: above the clip
+    tx = samgs_optax.recipe(factory.__name__, k, mask=MASK, optimizer=optax.identity())
+    agg = factory(k, mask=MASK)
+
+    @jax.jit
+    def run(grads, losses):
+        out, _ = tx.update(grads, tx.init(params), params, task_losses=losses)
+        raw, _ = agg.update(grads, agg.init(params), params, task_losses=losses)
+        return out, raw
+
+    out, raw = run(grads, losses)
+    trunk_norm = float(optax.tree.norm(raw["trunk"]))
+    assert trunk_norm > 1.0
+    for a, b in zip(jax.tree.leaves(out["trunk"]), jax.tree.leaves(raw["trunk"]), strict=True):
+        np.testing.assert_allclose(a, b / trunk_norm, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["head"], raw["head"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [moco, db_mtl])
 def test_moments_in_bfloat16(factory):
     """m_dtype=bfloat16 stores the state in bfloat16; the update keeps the gradients' dtype
     and stays within bfloat16's rounding of the float32 run."""

@@ -19,6 +19,9 @@ Expected scale behaviour, by method (``u(J)`` the update for J):
   ``excess_mtl``, ``modo``: the mean for tiny c, one task's gradient (a vertex
   of the simplex) for huge c; ``sdmgrad``: homogeneous unless c is so small that
   its absolute 1e-8 dominates (then the mean);
+- ``moco``: scale-free while ||g|| >> 1e-8 (unit gradients times the losses);
+  ``db_mtl``: homogeneous while its buffer norms >> 1e-8; both with LibMTL's absolute
+  1e-8 dominating for tiny c;
 - ``samgs``: Psi and h are scale-free (its per-task norms are rescaled), the
   equalisation branch is homogeneous of degree 1, the momentum branch of degree 2.
 """
@@ -394,9 +397,42 @@ def test_fairgrad_scale(c):
         assert c == 1e-30
 
 
+def _loss_aware_first_step(name: str, j: np.ndarray) -> np.ndarray:
+    """float64 NumPy: the first update of MoCo / DB-MTL (LibMTL's defaults) for losses of 1."""
+    j = j.astype(np.float64)
+    k = j.shape[0]
+    norms = np.linalg.norm(j, axis=1)
+    if name == "moco":
+        y = 0.5 * j / (norms[:, None] + 1e-8)  # beta = 0.5 at t = 1, L = 1
+        z = np.full(k, 1 / k) - 0.1 * (y @ y.T) @ np.full(k, 1 / k)
+        lam = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        return lam @ y
+    b = 0.1 * j / (1 + 1e-8)  # db_mtl: (1 - beta) g / (L + 1e-8) at t = 1
+    n = np.linalg.norm(b, axis=1)
+    return (n.max() / (n + 1e-8)) @ b
+
+
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("name", ["moco", "db_mtl"])
+def test_loss_aware_scale(name, c):
+    """MoCo: scale-free (unit gradients times the losses) while ||g|| >> 1e-8, and for tiny c
+    its absolute 1e-8 makes it ~c/1e-8 times smaller; DB-MTL: homogeneous while the buffer
+    norms >> 1e-8, ~c^2 for tiny c. Both against float64 NumPy wherever the true update is a
+    normal float32 number (not DB-MTL at c = 1e-30: ~1e-52, then zero)."""
+    jc = _scaled(_jacobian(), c)
+    got = _flat(_step(name)(jc)[0])
+    want = _loss_aware_first_step(name, jc)
+    assert np.all(np.isfinite(got))
+    if np.abs(want).max() > 1e-36:
+        _assert_close(got, want, 1e-5, (name, c))
+    else:
+        assert name == "db_mtl" and c == 1e-30 and np.abs(got).max() < 1e-37
+
+
 def test_every_aggregator_is_covered():
     covered = {*HOMOGENEOUS, *TRACE_EPS, *ABSOLUTE_EPS, *SATURATING, "sdmgrad", "nash_mtl", "samgs"}
     covered.add("fairgrad")  # test_fairgrad_scale
+    covered.update(("moco", "db_mtl"))  # test_loss_aware_scale
     assert covered == set(samgs_optax.AGGREGATORS)
 
 

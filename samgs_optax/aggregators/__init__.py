@@ -38,6 +38,7 @@ from samgs_optax.aggregators.cagrad import cagrad, cagrad_weights
 from samgs_optax.aggregators.con_fig import con_fig, con_fig_weights
 from samgs_optax.aggregators.constant import constant, constant_is_mean
 from samgs_optax.aggregators.cr_mogm import CRMOGMState, cr_mogm
+from samgs_optax.aggregators.db_mtl import DBMTLState, db_mtl, db_mtl_weights
 from samgs_optax.aggregators.dualproj import dualproj, dualproj_weights
 from samgs_optax.aggregators.excess_mtl import ExcessMTLState, excess_mtl, excess_risks
 from samgs_optax.aggregators.fairgrad import fairgrad, fairgrad_is_mean, fairgrad_weights
@@ -52,6 +53,7 @@ from samgs_optax.aggregators.imtl_g import imtl_g, imtl_g_weights
 from samgs_optax.aggregators.krum import krum, krum_weights
 from samgs_optax.aggregators.linear_scalarization import linear_scalarization
 from samgs_optax.aggregators.mgda import mgda, mgda_weights
+from samgs_optax.aggregators.moco import MoCoState, moco, moco_weights
 from samgs_optax.aggregators.modo import MoDoState, modo, modo_weights, project_onto_simplex
 from samgs_optax.aggregators.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
 from samgs_optax.aggregators.pcd import PCDState, pcd, pcd_qp_weights, pcd_weights
@@ -81,7 +83,7 @@ class AggregatorSpec(NamedTuple):
       reason: one line saying why.
       family: what kind of method (``"Gramian weighting"``, ``"projection"``,
         ``"random"``, ``"stateful"``, ``"coordinate-wise"``, ``"fixed weights"``,
-        comma-separated where several fit).
+        ``"loss-aware"``, comma-separated where several fit).
       reference: the paper, short (authors, venue year).
       torchjd: the TorchJD 0.18 class it equals (``""`` if none).
       needs_losses: whether the update needs the per-task losses of the batch
@@ -328,6 +330,27 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
         reference="Ban & Ji, ICML 2024",
         torchjd="FairGrad",
     ),
+    # Loss-aware methods of LibMTL (issue 12): their update takes task_losses=.
+    AggregatorSpec(
+        "moco",
+        moco,
+        False,
+        "normalised: its size follows the losses, not ||g|| (unit gradients times L_i)",
+        family="stateful, loss-aware",
+        reference="Fernando et al., ICLR 2023",
+        torchjd="",
+        needs_losses=True,
+    ),
+    AggregatorSpec(
+        "db_mtl",
+        db_mtl,
+        False,
+        "K copies give K (1 - beta^t) g / L: a sum over tasks; LibMTL does not scale",
+        family="stateful, loss-aware",
+        reference="Lin et al., 2023 (arXiv:2308.12029)",
+        torchjd="",
+        needs_losses=True,
+    ),
 )
 """Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
 
@@ -354,9 +377,11 @@ __all__ = [
     "AGGREGATOR_SPECS",
     "AggregatorSpec",
     "CRMOGMState",
+    "DBMTLState",
     "ExcessMTLState",
     "GradDropState",
     "GradVacState",
+    "MoCoState",
     "MoDoState",
     "NashMTLState",
     "PCDState",
@@ -373,6 +398,8 @@ __all__ = [
     "con_fig_weights",
     "constant",
     "cr_mogm",
+    "db_mtl",
+    "db_mtl_weights",
     "dualproj",
     "dualproj_weights",
     "excess_mtl",
@@ -391,6 +418,8 @@ __all__ = [
     "linear_scalarization",
     "mgda",
     "mgda_weights",
+    "moco",
+    "moco_weights",
     "modo",
     "modo_weights",
     "nash_mtl",
