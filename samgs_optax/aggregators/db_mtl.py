@@ -77,11 +77,14 @@ def db_mtl(
     exactly :math:`-10^{-8}` divides by zero, and negative losses give a
     meaningless (sign-flipped) :math:`g'_i` where LibMTL's log gives NaN.
 
-    Edge cases: a zero gradient leaves :math:`b_i` decaying and adds
-    :math:`\alpha_i b_i` (:math:`\alpha_i` is at most :math:`10^8 \max_j \|b_j\|`);
-    all-zero gradients give a zero update. The 1e-8 in :math:`\alpha` is
-    absolute: for buffer norms :math:`\lesssim 10^{-8}` (tiny gradients over
-    their losses) the small tasks are scaled up less than to the largest norm.
+    Edge cases: a zero gradient leaves :math:`b_i` decaying (zero at the first
+    step: it adds nothing); all-zero gradients give a zero update. The update is
+    computed as :math:`\max_j \|b_j\| \sum_i b_i / (\|b_i\| + 10^{-8})`, the same
+    sum without forming :math:`\alpha_i` (at most :math:`10^8 \max_j \|b_j\|`, which
+    overflows float32 for norms above ~3e30: then ``state.weights`` holds ``inf``
+    while the update stays finite). The 1e-8 in :math:`\alpha` is absolute: for
+    buffer norms :math:`\lesssim 10^{-8}` (tiny gradients over their losses) the
+    small tasks are scaled up less than to the largest norm, as in LibMTL.
 
     Task-specific leaves: ``heads="sum"`` (default, the library's convention
     for every aggregator) gives them the plain sum over tasks of the raw-loss
