@@ -65,6 +65,10 @@ MEASURED: dict[str, str] = {
     "moco": "7.5e-07 / 8.8e-16 vs a NumPy transcription of LibMTL's `MoCo` (incl. the paper's "
     "projection form), 6 steps",
     "db_mtl": "5.5e-07 / 2.8e-15 vs a NumPy transcription of LibMTL's `DB_MTL`, 6 steps",
+    # tests/test_gradnorm.py's header comment (docs/aggregators.md, "GradNorm, from LibMTL"):
+    # 6 steps x 3 sequences x K in {2, 3, 5}, Adam and SGD on the logits, vs float64 NumPy.
+    "gradnorm": "1.1e-06 / 4.9e-16 vs a NumPy transcription of LibMTL's `GradNorm` (Adam and "
+    "SGD on the weights), 6 steps",
     # docs/scalarizers.md's table (`python tests/test_scalarizers_golden.py`):
     # max|ours - TorchJD| / max|TorchJD| over totals, weights and internal updates, K = 2, 5.
     "scalarizers.mean": "3.6e-08 / 1.2e-16",

@@ -133,6 +133,10 @@ PROPERTIES: dict[str, tuple[dict, dict[str, object]]] = {
     # on b_i), so u = 0 only at a strongly stationary J. Neither is non-conflicting or linear.
     "moco": ({}, {STRUCTURE: None, PERMUTATION: None, STATIONARITY: None}),
     "db_mtl": ({}, {STRUCTURE: None, PERMUTATION: None, STATIONARITY: None}),
+    # GradNorm: positive weights (K softmax) on the g_i, so u = 0 only at a strongly stationary
+    # J; from a fresh state (these tests) they are all 1, but not after weight steps: neither
+    # non-conflicting nor linear in general.
+    "gradnorm": ({}, {STRUCTURE: None, PERMUTATION: None, STATIONARITY: None}),
 }
 
 

@@ -43,6 +43,7 @@ METHODS = (
     # Loss-aware methods of LibMTL (issue 12).
     "moco",
     "db_mtl",
+    "gradnorm",
 )
 # Krum needs K >= n_byzantine + 3: the K = 2 tests below run every other method, and
 # test_krum_at_three_tasks holds Krum to the same checks at K = 3.

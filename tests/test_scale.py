@@ -22,6 +22,8 @@ Expected scale behaviour, by method (``u(J)`` the update for J):
 - ``moco``: scale-free while ||g|| >> 1e-8 (unit gradients times the losses);
   ``db_mtl``: homogeneous while its buffer norms >> 1e-8; both with LibMTL's absolute
   1e-8 dominating for tiny c;
+- ``gradnorm``: its first update is the sum (homogeneous); the next ones too while Adam's
+  step on its logits is scale-free (the weights stay 1 when it is ~0 or overflows);
 - ``samgs``: Psi and h are scale-free (its per-task norms are rescaled), the
   equalisation branch is homogeneous of degree 1, the momentum branch of degree 2.
 """
@@ -429,10 +431,29 @@ def test_loss_aware_scale(name, c):
         assert name == "db_mtl" and c == 1e-30 and np.abs(got).max() < 1e-37
 
 
+@pytest.mark.parametrize("c", SCALES)
+def test_gradnorm_scale(c):
+    """GradNorm's second update, after one Adam step on its logits (equal losses): Adam's step
+    is scale-free while |dL_grad/ds| >> its eps 1e-8 and its square is finite, so u(cJ) = c u(J)
+    (c = 1e17); for tiny c the step is ~1e-12 and for c = 1e20 the square overflows float32 and
+    the step is skipped: the weights stay 1 and u = c sum_k g_k (float64 NumPy)."""
+    j1, j2 = _jacobian(), _jacobian(1)
+    step = _steps("gradnorm")
+    base, state = step(j1, j2)
+    assert np.abs(np.asarray(state.weights) - 1).max() > 0.01  # the weights did move at c = 1
+    got = _flat(step(_scaled(j1, c), _scaled(j2, c))[0])
+    if c == 1e17:
+        want = c * _flat(base)
+    else:
+        want = _scaled(j2, c).astype(np.float64).sum(axis=0)
+    _assert_close(got, want, 1e-5, c)
+
+
 def test_every_aggregator_is_covered():
     covered = {*HOMOGENEOUS, *TRACE_EPS, *ABSOLUTE_EPS, *SATURATING, "sdmgrad", "nash_mtl", "samgs"}
     covered.add("fairgrad")  # test_fairgrad_scale
     covered.update(("moco", "db_mtl"))  # test_loss_aware_scale
+    covered.add("gradnorm")  # test_gradnorm_scale
     assert covered == set(samgs_optax.AGGREGATORS)
 
 

@@ -43,6 +43,7 @@ from samgs_optax.aggregators.dualproj import dualproj, dualproj_weights
 from samgs_optax.aggregators.excess_mtl import ExcessMTLState, excess_mtl, excess_risks
 from samgs_optax.aggregators.fairgrad import fairgrad, fairgrad_is_mean, fairgrad_weights
 from samgs_optax.aggregators.graddrop import GradDropState, graddrop, graddrop_leaf
+from samgs_optax.aggregators.gradnorm import GradNormState, gradnorm, gradnorm_logits_grad
 from samgs_optax.aggregators.gradvac import (
     GradVacState,
     gradvac,
@@ -351,6 +352,16 @@ AGGREGATOR_SPECS: tuple[AggregatorSpec, ...] = (
         torchjd="",
         needs_losses=True,
     ),
+    AggregatorSpec(
+        "gradnorm",
+        gradnorm,
+        False,
+        "weights sum to K, like the summed loss (K copies give K g)",
+        family="stateful, loss-aware",
+        reference="Chen et al., ICML 2018",
+        torchjd="",
+        needs_losses=True,
+    ),
 )
 """Every registered method, once: :data:`AGGREGATORS` and the recipe's rule come from here."""
 
@@ -380,6 +391,7 @@ __all__ = [
     "DBMTLState",
     "ExcessMTLState",
     "GradDropState",
+    "GradNormState",
     "GradVacState",
     "MoCoState",
     "MoDoState",
@@ -408,6 +420,8 @@ __all__ = [
     "fairgrad_weights",
     "graddrop",
     "graddrop_leaf",
+    "gradnorm",
+    "gradnorm_logits_grad",
     "gradvac",
     "gradvac_orders",
     "gradvac_weights",

@@ -255,10 +255,10 @@ def gradnorm(
         **extra_args: Any,
     ):
         del params, extra_args
+        shared, heads = split(updates, state.shared, num_tasks)  # the gradients' errors first
         scalar = state.logits.dtype
         losses = check_task_losses("gradnorm", task_losses, num_tasks, scalar)
         losses = jax.lax.stop_gradient(losses)
-        shared, heads = split(updates, state.shared, num_tasks)
         count = state.count
         warmup = jnp.asarray(warmup_steps, jnp.int32)
 
