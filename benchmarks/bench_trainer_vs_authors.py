@@ -23,7 +23,12 @@ each in its own process so that its memory figures are its own:
   ``t_fwd + K (t_grad - t_fwd)``, from the jitted forward (``t_fwd``) and the
   jitted gradient of the summed loss (``t_grad``); ``ours/floor`` divides by it,
   ``ours/(floor+Adam)`` also adds the optimizer step every trainer pays
-  (``t_LS - t_grad``);
+  (``t_LS - t_grad``), and ``ours/(floor+update)`` adds instead the whole optimizer
+  chain of ours (SAM-GS, scale, clip, Adam, apply) timed alone on fixed stacked
+  gradients (``t_update``): where the step is memory-bound (an MLP on CPU) that chain
+  moves several K x D arrays and costs more than the backward passes, so
+  ``ours/(floor+update)`` near 1 says the step costs no more than its parts (how the
+  SAM-GS update compares with the memory floor is ``bench_update.py``'s subject);
 * **LS** (JAX): the gradient of the summed loss and Adam;
 * **authors** (PyTorch): their trainer's flow: forward, then for each task
   ``loss_k.backward(retain_graph=True)``, the shared gradients copied into a
@@ -298,6 +303,17 @@ def jax_child(cfg: dict) -> dict:
         samgs_step, fresh, samgs_tx.init(fresh), x, y, donate=(0, 1)
     )
     out["ours_wall_s"] = time.perf_counter() - t0
+
+    def update_step(p, s, g):
+        u, s = samgs_tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    grads = jax.jit(lambda p: samgs_optax.value_and_jacrev(task_losses, mode=cfg["mode"])(p, x, y))(
+        params
+    )[1]
+    fresh = jax.tree.map(jnp.array, params)
+    out["update_ms"], _ = timed(update_step, fresh, samgs_tx.init(fresh), grads, donate=(0, 1))
+    del grads
     out["ours_rss_mib"] = _maxrss_mib() - rss0
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
@@ -390,7 +406,9 @@ def main() -> None:
                 f"{model:4s} K={k:2d} B={batch:3d}  ours {r['ours_ms']:9.1f} ms "
                 f"({r['ours_mib']:7.0f} MiB)  floor {r['floor_ms']:9.1f} ms "
                 f"(x{r['ours_ms'] / r['floor_ms']:4.2f}; "
-                f"+Adam x{r['ours_ms'] / (r['floor_ms'] + r['adam_ms']):4.2f})"
+                f"+Adam x{r['ours_ms'] / (r['floor_ms'] + r['adam_ms']):4.2f}; "
+                f"+update {r['update_ms']:.1f} ms "
+                f"x{r['ours_ms'] / (r['floor_ms'] + r['update_ms']):4.2f})"
                 f"  LS {r['ls_ms']:8.1f} ms  {speed}",
                 flush=True,
             )
@@ -405,6 +423,8 @@ def main() -> None:
         "floor ms",
         "ours/floor",
         "ours/(floor+Adam)",
+        "update ms",
+        "ours/(floor+update)",
         "ours MiB",
         "JAX LS ms",
     ]
@@ -421,6 +441,8 @@ def main() -> None:
             f"{r['floor_ms']:.1f}",
             f"{r['ours_ms'] / r['floor_ms']:.2f}",
             f"{r['ours_ms'] / (r['floor_ms'] + r['adam_ms']):.2f}",
+            f"{r['update_ms']:.1f}",
+            f"{r['ours_ms'] / (r['floor_ms'] + r['update_ms']):.2f}",
             f"{r['ours_mib']:.0f}",
             f"{r['ls_ms']:.1f}",
         ]
@@ -448,6 +470,8 @@ def main() -> None:
         f"processes; ours: `value_and_jacrev(mode={args.mode!r})` + the authors' recipe, "
         f"conv max-pool written as `--pool {args.pool}`; "
         "floor: one forward + K backward passes (`t_fwd + K (t_grad - t_fwd)`, same process); "
+        "update: our optimizer chain alone (SAM-GS, scale, clip, Adam, apply) on fixed "
+        "stacked gradients; "
         "ours MiB: XLA's buffers for one step; authors MiB: peak RSS growth (CPU) or "
         "`max_memory_allocated` (CUDA).",
         "",
