@@ -252,9 +252,11 @@ def _options(name: str, k: int) -> dict:
     return options
 
 
+@functools.cache
 def _outputs(name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The method applied once, from its initial state, to every stacked matrix of K rows:
-    the outputs and, for the methods whose state records them, the task weights."""
+    the outputs and, for the methods whose state records them, the task weights. Cached:
+    computed (one compile) once per method and K, shared by all of that method's properties."""
     tx = make_aggregator(name, k, **_options(name, k))
     params = {"w": jnp.zeros(D_MAX)}
 
