@@ -208,6 +208,38 @@ def test_scalarizer_options_are_the_authors():
     assert "seed" not in train.method_options(upgrad)
 
 
+@pytest.mark.parametrize("method", ["gradnorm", "db_mtl"])
+def test_loss_aware_methods_get_the_task_losses(method):
+    """The trainer's step passes the per-task losses of its batch to the loss-aware methods
+    (``task_losses=``): the method's state after one step (GradNorm's reference losses,
+    DB-MTL's buffer g_i / L_i) equals a hand-written step's, and differs from a step given
+    other losses (so the test can fail). The parameters are no witness: Adam's first step is
+    about lr sign(g) whatever the losses."""
+    model = _TinyTwoTask(rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    cfg = train.Config("cityscapes", method=method, synthetic=True).resolved()
+    tx, per_task, _ = train.build_optimizer(cfg, steps=1)
+    assert per_task
+    opt_state = tx.init(nnx.state(model, nnx.Param))
+    batch = _tiny_batch(0)
+    step = train.make_train_step(graphdef, tx, _bce, per_task=True)
+    _, new_opt, losses = step(*jax.tree.map(jnp.copy, (state, opt_state)), batch)
+
+    def by_hand(task_losses):
+        copy = nnx.merge(graphdef, state, copy=True)
+        _, grads = samgs_optax.nnx.value_and_jacrev(_bce)(copy, batch)
+        return tx.update(grads, opt_state, nnx.state(copy, nnx.Param), task_losses=task_losses)[1]
+
+    def same(a, b) -> bool:  # within float32 rounding of the largest entry (the trunk's bias
+        # gradient is rounding noise: the BatchNorm after it cancels it)
+        scale = max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b[0]))
+        leaves = zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0]), strict=True)
+        return all(np.allclose(x, y, rtol=1e-5, atol=1e-6 * scale) for x, y in leaves)
+
+    assert same(new_opt, by_hand(losses))
+    assert not same(new_opt, by_hand(jnp.asarray([1.0, 10.0]) * losses))
+
+
 def _scalarizer_step(method: str, **config):
     model = _TinyTwoTask(rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
