@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import metrics  # noqa: E402
 
-# The paper's row label -> the trainer's --method name. SI, RLW, DWA, UW, FAMO and GradNorm
-# weight the losses (scalarizers), the others aggregate per-task gradients.
+# The paper's row label -> the trainer's --method name. SI, RLW, DWA, UW and FAMO weight the
+# losses (scalarizers); GradNorm weights them too, from the per-task gradients' norms (a
+# loss-aware aggregator here); the others aggregate per-task gradients.
 METHOD_NAMES: dict[str, str] = {
     "STL": "stl",
     "LS": "ls",
