@@ -37,14 +37,25 @@ def output_size(name, ks=(2, 4), **options) -> str:
     ``ks``: the two K (Krum needs K >= 3). A loss-aware method sees equal losses of 1.
     """
     params = {"w": jnp.zeros(3)}
-    ratio = {}
+    sizes = (1.0, 100.0)
     k0, k1 = ks
-    for k in ks:
-        for size in (1.0, 100.0):
-            g = size * jnp.array([0.48, -0.8, 0.36])  # norm = size
+
+    @jax.jit
+    def ratios(sizes):  # one compile: both K, the two sizes vmapped
+        out = []
+        for k in ks:
             tx = make_aggregator(name, k, **options)
-            out, _ = tx.update({"w": jnp.stack([g] * k)}, tx.init(params), params)
-            ratio[k, size] = float(jnp.linalg.norm(out["w"]) / size)
+
+            def one(size, k=k, tx=tx):
+                g = size * jnp.array([0.48, -0.8, 0.36])  # norm = size
+                u, _ = tx.update({"w": jnp.stack([g] * k)}, tx.init(params), params)
+                return jnp.linalg.norm(u["w"]) / size
+
+            out.append(jax.vmap(one)(sizes))
+        return out
+
+    got = np.asarray(ratios(jnp.asarray(sizes)), np.float64)
+    ratio = {(k, size): got[i, j] for i, k in enumerate(ks) for j, size in enumerate(sizes)}
     close = lambda a, b: abs(a - b) <= 1e-3 * max(abs(a), abs(b))  # noqa: E731
     if not all(close(ratio[k, 1.0], ratio[k, 100.0]) for k in ks):
         return "normalised"
