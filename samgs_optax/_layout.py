@@ -43,6 +43,26 @@ def resolve_layout(mask: Mask, params: PyTree) -> PyTree:
     return jax.tree.map(lambda s: jnp.ones([], jnp.bool_) if s else MaskedNode(), flags)
 
 
+def task_zeros(params: PyTree, layout: PyTree, num_tasks: int, dtype: Any = None) -> PyTree:
+    """Per-task zeros (a leading axis of length K) on the shared leaves, ``MaskedNode()`` on heads.
+
+    The initial per-task moments of SAM-GS, MoCo's tracks and DB-MTL's buffer; ``dtype``
+    (e.g. ``m_dtype``) defaults to each parameter's. ``zeros_like`` keeps the parameter's
+    sharding (eagerly, and under jit on a mesh with explicit axes) and the broadcast adds an
+    unsharded task axis, so the moments are laid out like the stacked gradients instead of
+    landing whole on the default device.
+    """
+
+    def zeros(p: Any, flag: Any) -> Any:
+        if is_masked(flag):
+            return MaskedNode()
+        p = jnp.asarray(p)
+        z = jnp.zeros_like(p, dtype=dtype or p.dtype)
+        return jnp.broadcast_to(z[None], (num_tasks, *z.shape))
+
+    return jax.tree.map(zeros, params, layout, is_leaf=is_masked)
+
+
 def split(updates: PyTree, layout: PyTree, num_tasks: int) -> tuple[PyTree, PyTree]:
     """Validates stacked ``updates``, splits them into (shared, heads), MaskedNode if absent."""
     _validation.check_same_structure(updates, layout, is_leaf=is_masked)

@@ -14,10 +14,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
-from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split, sum_over_tasks
+from samgs_optax._layout import (
+    Mask,
+    merge,
+    resolve_layout,
+    split,
+    sum_over_tasks,
+    task_zeros,
+)
 from samgs_optax.similarity import magnitude_similarity, task_norms
 
 PyTree = Any
@@ -164,19 +170,9 @@ def samgs(
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
 
-        def moment(p, flag):
-            if is_masked(flag):
-                return MaskedNode()
-            # zeros_like keeps p's sharding (eagerly, and under jit on a mesh with explicit
-            # axes); the broadcast adds an unsharded task axis. So m is laid out like the
-            # stacked gradients instead of landing whole on the default device.
-            p = jnp.asarray(p)
-            zeros = jnp.zeros_like(p, dtype=m_dtype or p.dtype)
-            return jnp.broadcast_to(zeros[None], (num_tasks, *zeros.shape))
-
         return SamgsState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(moment, params, layout, is_leaf=is_masked),
+            m=task_zeros(params, layout, num_tasks, m_dtype),
             h=jnp.zeros([], scalar),
             similarity=jnp.ones([], scalar),
             equalised=jnp.zeros([], jnp.bool_),

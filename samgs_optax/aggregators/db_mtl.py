@@ -8,10 +8,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
-from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split
+from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split, task_zeros
 from samgs_optax.aggregators._losses import check_task_losses
 from samgs_optax.similarity import task_norms
 
@@ -124,15 +123,9 @@ def db_mtl(
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
 
-        def zeros(p, flag):
-            if is_masked(flag):
-                return MaskedNode()
-            z = jnp.zeros_like(jnp.asarray(p), dtype=m_dtype or jnp.asarray(p).dtype)
-            return jnp.broadcast_to(z[None], (num_tasks, *z.shape))
-
         return DBMTLState(
             count=jnp.zeros([], jnp.int32),
-            buffer=jax.tree.map(zeros, params, layout, is_leaf=is_masked),
+            buffer=task_zeros(params, layout, num_tasks, m_dtype),
             weights=jnp.zeros([num_tasks], scalar),
         )
 

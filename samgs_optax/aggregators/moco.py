@@ -8,10 +8,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax.transforms import MaskedNode
 
 from samgs_optax import _validation
-from samgs_optax._layout import Mask, is_masked, merge, resolve_layout, split
+from samgs_optax._layout import Mask, merge, resolve_layout, split, task_zeros
 from samgs_optax.aggregators._losses import check_task_losses
 from samgs_optax.aggregators.modo import project_onto_simplex
 from samgs_optax.gramian import pow2_scale, scaled_gramian
@@ -161,15 +160,9 @@ def moco(
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
 
-        def track(p, flag):
-            if is_masked(flag):
-                return MaskedNode()
-            zeros = jnp.zeros_like(jnp.asarray(p), dtype=m_dtype or jnp.asarray(p).dtype)
-            return jnp.broadcast_to(zeros[None], (num_tasks, *zeros.shape))
-
         return MoCoState(
             count=jnp.zeros([], jnp.int32),
-            y=jax.tree.map(track, params, layout, is_leaf=is_masked),
+            y=task_zeros(params, layout, num_tasks, m_dtype),
             weights=jnp.full([num_tasks], 1 / num_tasks, scalar),
         )
 
