@@ -132,13 +132,28 @@ def _grads(seed: int, scale: float = 10.0):
 STEP_SCALES = (0.01, 0.1, 10.0, 0.03)
 
 
-def _run(tx: optax.GradientTransformation) -> list:
-    update = jax.jit(tx.update)
-    state, out = tx.init(PARAMS), []
-    for t, scale in enumerate(STEP_SCALES):
-        u, state = update(_grads(t, scale), state, PARAMS)
-        out.append(u)
-    return out
+def _runs(*txs: optax.GradientTransformation) -> list[list]:
+    """Each transform's updates over the steps of STEP_SCALES, from its initial state: one
+    compiled call for all of them (a scan over the steps per transform)."""
+    steps = [_grads(t, scale) for t, scale in enumerate(STEP_SCALES)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *steps)
+
+    @jax.jit
+    def run(stacked):
+        outs = []
+        for tx in txs:
+
+            def step(state, g, tx=tx):
+                u, state = tx.update(g, state, PARAMS)
+                return state, u
+
+            outs.append(jax.lax.scan(step, tx.init(PARAMS), stacked)[1])
+        return outs
+
+    return [
+        [jax.tree.map(lambda x, t=t: x[t], us) for t in range(len(STEP_SCALES))]
+        for us in run(stacked)
+    ]
 
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
@@ -149,6 +164,11 @@ def _norm(tree) -> float:
     return float(
         np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree)))
     )
+
+
+def _first_updates(grads, *txs):
+    """Each transform's first update from its initial state, in one compiled call."""
+    return jax.jit(lambda g: [tx.update(g, tx.init(PARAMS), PARAMS)[0] for tx in txs])(grads)
 
 
 def _by_hand(name: str, scaled: bool, mask) -> optax.GradientTransformation:
@@ -165,11 +185,13 @@ def _by_hand(name: str, scaled: bool, mask) -> optax.GradientTransformation:
 @pytest.mark.parametrize("name, scaled", [("mgda", True), ("pcgrad", False), ("samgs", True)])
 @pytest.mark.parametrize("masked", [True, False], ids=["heads-masked", "all-shared"])
 def test_recipe_equals_the_hand_written_chain(name, scaled, masked):
-    got = _run(samgs_optax.recipe(name, K, mask=PREFIX if masked else None))
-    want = _run(_by_hand(name, scaled, FLAGS if masked else None))
+    got, want, other = _runs(
+        samgs_optax.recipe(name, K, mask=PREFIX if masked else None),
+        _by_hand(name, scaled, FLAGS if masked else None),
+        # and the test can fail: the other scaling gives other updates
+        _by_hand(name, not scaled, FLAGS if masked else None),
+    )
     _assert_trees_close(got, want)
-    # and the test can fail: the other scaling gives other updates
-    other = _run(_by_hand(name, not scaled, FLAGS if masked else None))
     assert not np.allclose(got[-1]["trunk"]["w"], other[-1]["trunk"]["w"], rtol=1e-3, atol=0)
 
 
@@ -180,9 +202,8 @@ def test_heads_are_neither_scaled_nor_clipped_nor_in_the_norm(name):
     exactly 1 over the trunk alone."""
     grads = _grads(0)
     agg = make_aggregator(name, K, mask=FLAGS)
-    raw, _ = agg.update(grads, agg.init(PARAMS), PARAMS)
     tx = samgs_optax.recipe(name, K, mask=PREFIX, optimizer=optax.identity())
-    out, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    raw, out = _first_updates(grads, agg, tx)
     _assert_trees_close(out["heads"], raw["heads"])
     _assert_trees_close(raw["heads"], jax.tree.map(lambda g: g.sum(0), grads["heads"]))
     assert _norm(raw["heads"]) > 1.0  # a clip would have shown
@@ -194,10 +215,9 @@ def test_heads_are_neither_scaled_nor_clipped_nor_in_the_norm(name):
 
 def test_scale_override_and_no_clip():
     grads = _grads(1)
-    agg = samgs_optax.pcgrad(K, mask=FLAGS)
-    raw, _ = agg.update(grads, agg.init(PARAMS), PARAMS)
-    for scale_by_tasks, factor in ((None, 1.0), (True, float(K)), (False, 1.0)):
-        tx = samgs_optax.recipe(
+    cases = ((None, 1.0), (True, float(K)), (False, 1.0))
+    txs = [
+        samgs_optax.recipe(
             samgs_optax.pcgrad,
             K,
             mask=FLAGS,
@@ -205,7 +225,10 @@ def test_scale_override_and_no_clip():
             scale_by_tasks=scale_by_tasks,
             optimizer=optax.identity(),
         )
-        out, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+        for scale_by_tasks, _ in cases
+    ]
+    raw, *outs = _first_updates(grads, samgs_optax.pcgrad(K, mask=FLAGS), *txs)
+    for (_, factor), out in zip(cases, outs, strict=True):
         _assert_trees_close(out["trunk"], jax.tree.map(lambda x, f=factor: f * x, raw["trunk"]))
         _assert_trees_close(out["heads"], raw["heads"])
 
@@ -233,8 +256,11 @@ def test_built_transformation_needs_scale_by_tasks():
         samgs_optax.recipe(built, K, mask=FLAGS)
     with pytest.raises(TypeError, match="already built"):
         samgs_optax.recipe(built, K, mask=FLAGS, scale_by_tasks=True, norm_eps=1e-3)
-    got = _run(samgs_optax.recipe(built, K, mask=FLAGS, scale_by_tasks=True))
-    _assert_trees_close(got, _run(samgs_optax.recipe("upgrad", K, mask=FLAGS)))
+    got, want = _runs(
+        samgs_optax.recipe(built, K, mask=FLAGS, scale_by_tasks=True),
+        samgs_optax.recipe("upgrad", K, mask=FLAGS),
+    )
+    _assert_trees_close(got, want)
 
 
 def test_unregistered_factory_needs_scale_by_tasks():
@@ -243,8 +269,11 @@ def test_unregistered_factory_needs_scale_by_tasks():
 
     with pytest.raises(TypeError, match="not a registered factory"):
         samgs_optax.recipe(mine, K)
-    got = _run(samgs_optax.recipe(mine, K, mask=FLAGS, scale_by_tasks=False))
-    _assert_trees_close(got, _run(samgs_optax.recipe("linear_scalarization", K, mask=FLAGS)))
+    got, want = _runs(
+        samgs_optax.recipe(mine, K, mask=FLAGS, scale_by_tasks=False),
+        samgs_optax.recipe("linear_scalarization", K, mask=FLAGS),
+    )
+    _assert_trees_close(got, want)
 
 
 def test_unknown_name_lists_the_registered_ones():
@@ -259,20 +288,24 @@ def test_learning_rate_and_optimizer_and_max_norm_errors():
         samgs_optax.recipe("mgda", K, max_norm=0.0)
     with pytest.raises(TypeError, match="num_tasks must be a Python int"):
         samgs_optax.recipe("mgda", 2.0)
-    default = _run(samgs_optax.recipe("mgda", K))
-    _assert_trees_close(default, _run(samgs_optax.recipe("mgda", K, 1e-3)))
-    sgd = _run(samgs_optax.recipe("mgda", K, optimizer=optax.sgd(0.5)))
+    default, explicit, sgd = _runs(
+        samgs_optax.recipe("mgda", K),
+        samgs_optax.recipe("mgda", K, 1e-3),
+        samgs_optax.recipe("mgda", K, optimizer=optax.sgd(0.5)),
+    )
+    _assert_trees_close(default, explicit)
     assert not np.allclose(sgd[0]["trunk"]["w"], default[0]["trunk"]["w"])
 
 
 def test_options_reach_the_factory():
-    got = _run(samgs_optax.recipe("samgs", K, mask=FLAGS, gamma=0.9, b1=0.5))
+    recipe = samgs_optax.recipe("samgs", K, mask=FLAGS, gamma=0.9, b1=0.5)
     by_hand = optax.chain(
         samgs_optax.samgs(K, gamma=0.9, b1=0.5, mask=FLAGS),
         optax.masked(optax.chain(optax.scale(K), optax.clip_by_global_norm(1.0)), FLAGS),
         optax.adam(1e-3),
     )
-    _assert_trees_close(got, _run(by_hand))
+    got, want = _runs(recipe, by_hand)
+    _assert_trees_close(got, want)
 
 
 # ------------------------------------------------------------------ Flax NNX
