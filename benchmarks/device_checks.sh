@@ -53,7 +53,7 @@ for s in $STAGES; do
         if [ "$SMOKE" = 1 ]; then
             stage suite 300 "$PY" -m pytest -q -x tests/test_jacobian.py tests/test_precision.py
         else
-            stage suite 330 "$PY" -m pytest -q -n 8 --durations=15 -p no:cacheprovider tests/
+            stage suite 330 "$PY" -m pytest -n 8 --maxprocesses=8 --durations=15 -p no:cacheprovider tests/
         fi ;;
     update)  # the SAM-GS update against a device copy, XLA and the Pallas kernel
         if [ "$SMOKE" = 1 ]; then

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # several test processes share one GPU: no JAX process
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # may take 75% of it
 
 import jax
 import numpy as np
