@@ -241,7 +241,12 @@ class GramianWeightingState(NamedTuple):
 
 
 def gramian_weighting(
-    num_tasks: int, weighting: WeightingFn, *, mask: Mask = None, with_scale: bool = False
+    num_tasks: int,
+    weighting: WeightingFn,
+    *,
+    mask: Mask = None,
+    with_scale: bool = False,
+    pow2_weights: bool = False,
 ) -> optax.GradientTransformation:
     r"""Turns a weighting :math:`G \mapsto w` into an aggregator :math:`J^\top w`.
 
@@ -256,7 +261,11 @@ def gramian_weighting(
     :math:`G` would under- or overflow in its dtype. A weighting invariant to
     the scale of :math:`G` (:math:`w(cG) = w(G)`) needs nothing more; one that is
     not (absolute thresholds, weights in gradient units) sets
-    ``with_scale=True`` and is called as ``weighting(G_hat, t)``.
+    ``with_scale=True`` and is called as ``weighting(G_hat, t)``. Weights that
+    may themselves leave the float range (FairGrad's grow as :math:`G^{-1/\alpha}`)
+    are returned as a mantissa and a power of two, ``(m, e)`` with :math:`w = 2^e m`
+    (``pow2_weights=True``): the update is then :math:`2^e \sum_k m_k g_k`, the
+    power of two applied last, so that it stays finite whenever it is representable.
 
     Args:
       num_tasks: K >= 2.
@@ -266,6 +275,8 @@ def gramian_weighting(
         True leaves are shared and aggregated, False leaves (task heads) get
         the plain sum over tasks and are left out of the Gramian. ``None``: all shared.
       with_scale: pass the exponent ``t`` of :func:`scaled_gramian` to ``weighting``.
+      pow2_weights: ``weighting`` returns ``(mantissa, exponent)`` (an int32 scalar
+        exponent) instead of the weights.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`GramianWeightingState`.
@@ -283,9 +294,14 @@ def gramian_weighting(
         shared, heads = split(updates, state.shared, num_tasks)
         scalar = state.weights.dtype
         g_hat, log2_scale = scaled_gramian(shared, scalar)
-        weights = weighting(g_hat, log2_scale) if with_scale else weighting(g_hat)
-        weights = weights.astype(scalar)
-        out = merge(combine(shared, weights), heads)
-        return out, GramianWeightingState(shared=state.shared, weights=weights)
+        result = weighting(g_hat, log2_scale) if with_scale else weighting(g_hat)
+        if pow2_weights:
+            mantissa, exponent = result
+            combined = jax.tree.map(lambda x: pow2_scale(x, exponent), combine(shared, mantissa))
+            weights = pow2_scale(mantissa, exponent).astype(scalar)
+        else:
+            weights = result.astype(scalar)
+            combined = combine(shared, weights)
+        return merge(combined, heads), GramianWeightingState(shared=state.shared, weights=weights)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
-from samgs_optax._layout import Mask, merge, resolve_layout, split
-from samgs_optax.gramian import GramianWeightingState, combine, pow2_scale, scaled_gramian
+from samgs_optax._layout import Mask
+from samgs_optax.gramian import gramian_weighting, pow2_scale
 
 PyTree = Any
 
@@ -246,25 +246,10 @@ def fairgrad(
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}.")
     num_tasks = _validation.check_num_tasks(num_tasks)
 
-    def init_fn(params: PyTree) -> GramianWeightingState:
-        scalar = _validation.scalar_dtype(params)
-        return GramianWeightingState(
-            shared=resolve_layout(mask, params), weights=jnp.zeros([num_tasks], scalar)
-        )
+    def weighting(g_hat: jax.Array, log2_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _split_weights(g_hat, alpha, log2_scale, max_iter)
 
-    def update_fn(updates: PyTree, state: GramianWeightingState, params: PyTree = None):
-        del params
-        shared, heads = split(updates, state.shared, num_tasks)
-        scalar = state.weights.dtype
-        g_hat, log2_scale = scaled_gramian(shared, scalar)
-        mantissa, exponent = _split_weights(g_hat, alpha, log2_scale, max_iter)
-        # sum_k w_k g_k = 2^e sum_k m_k g_k: the power of two is applied last, so that
-        # weights beyond float32's range (gradients ~1e-30) still give a finite update.
-        combined = jax.tree.map(lambda x: pow2_scale(x, exponent), combine(shared, mantissa))
-        weights = pow2_scale(mantissa, exponent).astype(scalar)
-        return merge(combined, heads), GramianWeightingState(shared=state.shared, weights=weights)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return gramian_weighting(num_tasks, weighting, mask=mask, with_scale=True, pow2_weights=True)
 
 
 def fairgrad_is_mean(*, alpha: float = 2.0, **_: object) -> bool:
