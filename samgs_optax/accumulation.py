@@ -26,12 +26,15 @@ class MultiStepsState(NamedTuple):
       acc_grads: the sum of the stacked per-task gradients of the current
         micro-batches: the params' tree with a leading task axis of length K.
       inner_state: the wrapped transform's state.
+      acc_losses: the sum of the per-task losses (``task_losses=``) of the
+        current micro-batches, shape (K,); zeros when none are passed.
     """
 
     mini_step: chex.Array
     gradient_step: chex.Array
     acc_grads: PyTree
     inner_state: Any
+    acc_losses: chex.Array
 
 
 def multi_steps(
@@ -67,6 +70,13 @@ def multi_steps(
     mean over its batch, :math:`\bar g` is task by task the gradient on the
     :math:`k` micro-batches joined, so SAM-GS sees the per-task norms and the
     similarity of the large batch and takes the same step.
+
+    The per-task losses that the loss-aware aggregators take
+    (``task_losses=``, see ``AggregatorSpec.needs_losses``) are accumulated the
+    same way: ``inner`` receives their mean over the :math:`k` micro-batches (their
+    sum if not ``use_grad_mean``), the losses of the joined batch, so GradNorm,
+    MoCo and DB-MTL take the large batch's step too. Other extra arguments are
+    passed on as they come with the :math:`k`-th micro-batch.
 
     The two cases are selected with ``lax.cond``, not computed both and
     selected with ``jnp.where`` (as :func:`samgs_optax.apply_if_finite` does):
@@ -112,11 +122,15 @@ def multi_steps(
             dtype = accumulator_dtype or jnp.promote_types(p.dtype, jnp.float32)
             return jnp.broadcast_to(jnp.zeros_like(p, dtype=dtype)[None], (num_tasks, *p.shape))
 
+        loss_dtype = accumulator_dtype or jnp.promote_types(
+            _validation.scalar_dtype(params), jnp.float32
+        )
         return MultiStepsState(
             mini_step=jnp.zeros([], jnp.int32),
             gradient_step=jnp.zeros([], jnp.int32),
             acc_grads=jax.tree.map(zeros, params),
             inner_state=inner.init(params),
+            acc_losses=jnp.zeros([num_tasks], loss_dtype),
         )
 
     def update_fn(updates: PyTree, state: MultiStepsState, params: PyTree = None, **extra_args):
@@ -125,6 +139,18 @@ def multi_steps(
         k = jnp.asarray(every_k(state.gradient_step), jnp.int32)
         acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.acc_grads, updates)
         emit = state.mini_step + 1 >= k
+        losses = extra_args.pop("task_losses", None)
+        acc_losses = state.acc_losses
+        if losses is not None:  # static: the keyword is given or not
+            losses = jnp.asarray(losses)
+            if losses.shape != (num_tasks,):
+                raise ValueError(
+                    f"task_losses has shape {losses.shape}; expected ({num_tasks},), one loss "
+                    f"per task (num_tasks={num_tasks})."
+                )
+            acc_losses = acc_losses + losses.astype(acc_losses.dtype)
+            reduce = (lambda a: a / k.astype(a.dtype)) if use_grad_mean else (lambda a: a)
+            extra_args["task_losses"] = reduce(acc_losses).astype(losses.dtype)
 
         def inner_step():
             # The mean (or sum) in the incoming gradients' dtype, as optax.MultiSteps does.
@@ -148,6 +174,7 @@ def multi_steps(
             ),
             acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc),
             inner_state=inner_state,
+            acc_losses=jnp.where(emit, jnp.zeros_like(acc_losses), acc_losses),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -63,20 +63,21 @@ def _task_losses_fn(weights):
 
 def _recipe(num_tasks, mask=None, aggregator="samgs"):
     """The authors' recipe: aggregate, times K, clip the global norm to 1, Adam."""
-    if aggregator == "samgs":
-        first = samgs_optax.samgs(num_tasks, mask=mask)
-    else:
-        first = samgs_optax.upgrad(num_tasks, mask=mask)
+    first = samgs_optax.AGGREGATORS[aggregator](num_tasks, mask=mask)
     return optax.chain(
         first, optax.scale(num_tasks), optax.clip_by_global_norm(1.0), optax.adam(LR)
     )
 
 
 def _train_step(tx, task_losses):
+    """One jitted step; the per-task losses go along (``task_losses=``) for the loss-aware
+    aggregators, dropped for the transforms that do not take them."""
+    update = optax.with_extra_args_support(tx).update
+
     @jax.jit
     def step(params, opt_state, batch):
-        _, grads = samgs_optax.value_and_jacrev(task_losses)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        losses, grads = samgs_optax.value_and_jacrev(task_losses)(params, batch)
+        updates, opt_state = update(grads, opt_state, params, task_losses=losses)
         return optax.apply_updates(params, updates), opt_state, updates
 
     return step
@@ -197,6 +198,19 @@ def test_accumulated_upgrad_step_equals_the_large_batch_step():
         assert relative_error(acc_weights, weights) < 1e-5
         assert relative_error(flatten(acc_update), flatten(update)) < 1e-5
         assert _max_relative_error(acc_state.inner_state, state) < 5e-5
+
+
+@pytest.mark.parametrize("aggregator", ["gradnorm", "db_mtl"])
+def test_accumulated_loss_aware_step_equals_the_large_batch_step(aggregator):
+    """GradNorm and DB-MTL read the per-task losses: the wrapper hands the inner chain the
+    mean of the micro-batches' losses, the large batch's, so the steps and states agree
+    (GradNorm's reference losses, its logits and their Adam; DB-MTL's buffer of g / L)."""
+    records = _run_both(3, 2, OUTER_STEPS, "dissimilar", aggregator=aggregator)
+    for update, state, acc_update, acc_state, _, intermediate in records:
+        assert relative_error(flatten(acc_update), flatten(update)) < 1e-5
+        assert _max_relative_error(acc_state.inner_state, state) < 5e-5
+        assert np.all(np.asarray(acc_state.acc_losses) == 0)
+        assert np.all(np.asarray(intermediate[0][2].acc_losses) > 0)  # the first micro-batch's
 
 
 def test_intermediate_micro_steps_return_zeros_and_keep_the_inner_state():
