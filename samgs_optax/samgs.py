@@ -169,7 +169,6 @@ def samgs(
     def init_fn(params: PyTree) -> SamgsState:
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
-
         return SamgsState(
             count=jnp.zeros([], jnp.int32),
             m=task_zeros(params, layout, num_tasks, m_dtype),

@@ -122,7 +122,6 @@ def db_mtl(
     def init_fn(params: PyTree) -> DBMTLState:
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
-
         return DBMTLState(
             count=jnp.zeros([], jnp.int32),
             buffer=task_zeros(params, layout, num_tasks, m_dtype),

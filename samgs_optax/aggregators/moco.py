@@ -159,7 +159,6 @@ def moco(
     def init_fn(params: PyTree) -> MoCoState:
         layout = resolve_layout(mask, params)
         scalar = _validation.scalar_dtype(params)
-
         return MoCoState(
             count=jnp.zeros([], jnp.int32),
             y=task_zeros(params, layout, num_tasks, m_dtype),
