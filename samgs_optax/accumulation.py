@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from samgs_optax import _validation
+from samgs_optax.aggregators._losses import check_task_losses
 
 PyTree = Any
 Schedule = int | Callable[[chex.Array], chex.Numeric]
@@ -143,11 +144,7 @@ def multi_steps(
         acc_losses = state.acc_losses
         if losses is not None:  # static: the keyword is given or not
             losses = jnp.asarray(losses)
-            if losses.shape != (num_tasks,):
-                raise ValueError(
-                    f"task_losses has shape {losses.shape}; expected ({num_tasks},), one loss "
-                    f"per task (num_tasks={num_tasks})."
-                )
+            losses = check_task_losses("multi_steps", losses, num_tasks, losses.dtype)
             acc_losses = acc_losses + losses.astype(acc_losses.dtype)
             reduce = (lambda a: a / k.astype(a.dtype)) if use_grad_mean else (lambda a: a)
             extra_args["task_losses"] = reduce(acc_losses).astype(losses.dtype)

@@ -12,6 +12,17 @@ import optax
 PyTree = Any
 
 
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is finite (a bool scalar; integer leaves,
+    e.g. step counts in an optimizer state, are skipped)."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.ones([], bool)
+
+
 class ApplyIfFiniteState(NamedTuple):
     """State of :func:`apply_if_finite` (same fields as optax's).
 
@@ -62,9 +73,7 @@ def apply_if_finite(
         )
 
     def update_fn(updates, state: ApplyIfFiniteState, params=None, **extra_args):
-        finite = jnp.array(True)
-        for leaf in jax.tree.leaves(updates):
-            finite &= jnp.all(jnp.isfinite(leaf))
+        finite = tree_all_finite(updates)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         notfinite_count = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
         accept = finite | (notfinite_count > max_consecutive_errors)

@@ -98,14 +98,6 @@ def make_aggregator(name, num_tasks, **options):
     return tx
 
 
-def make_recipe(name, num_tasks, *args, **options):
-    """``samgs_optax.recipe(name, ...)`` with equal losses for a loss-aware method."""
-    tx = samgs_optax.recipe(name, num_tasks, *args, **options)
-    if isinstance(name, str) and aggregator_spec(name).needs_losses:
-        tx = with_task_losses(tx, np.ones(num_tasks, np.float32))
-    return tx
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -12,6 +12,7 @@ import optax
 from samgs_optax import _validation
 from samgs_optax._layout import Mask, merge, resolve_layout, split
 from samgs_optax.aggregators._losses import check_task_losses
+from samgs_optax.finite import tree_all_finite
 from samgs_optax.gramian import combine
 from samgs_optax.similarity import task_norms
 
@@ -43,16 +44,6 @@ class GradNormState(NamedTuple):
     initial_losses: chex.Array
     opt_state: optax.OptState
     weights: chex.Array
-
-
-def _all_finite(tree: PyTree) -> jax.Array:
-    """Whether every floating leaf of ``tree`` is finite (a bool scalar)."""
-    flags = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.ones([], bool)
 
 
 def gradnorm_logits_grad(
@@ -285,7 +276,7 @@ def gradnorm(
             & jnp.all(jnp.isfinite(losses))
             & jnp.all(jnp.isfinite(grad))
             & jnp.all(jnp.isfinite(logits))
-            & _all_finite(opt_state)
+            & tree_all_finite(opt_state)
         )
         new_state = GradNormState(
             shared=state.shared,
