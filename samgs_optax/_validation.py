@@ -77,6 +77,15 @@ def check_same_structure(updates: PyTree, reference: PyTree, is_leaf=None) -> No
         )
 
 
+def initial_key(seed: Any, key: Any) -> jax.Array:
+    """The PRNG key a random method starts from: ``key`` if given, else ``PRNGKey(seed)``."""
+    if key is not None:
+        return jnp.asarray(key)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int (or pass key=), got {seed!r}.")
+    return jax.random.PRNGKey(seed)
+
+
 def scalar_dtype(params: PyTree) -> jnp.dtype:
     """Dtype for scalar statistics: the params' dtype, at least float32."""
     dtypes = [jnp.asarray(p).dtype for p in jax.tree_util.tree_leaves(params)]

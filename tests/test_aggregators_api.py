@@ -379,6 +379,22 @@ def test_random_methods_are_reproducible(method):
         assert np.any(other != first)
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "graddrop", "random_weighting", "gradvac"])
+def test_random_methods_seed_and_key_forms(method):
+    """A typed key starts the stream its raw form starts; a non-integer seed is refused by name."""
+    params = _params()
+    grads = _grads(np.random.default_rng(2), 3)
+    make = samgs_optax.AGGREGATORS[method]
+    typed = make(3, key=jax.random.key(5))
+    raw = make(3, key=jax.random.PRNGKey(5))
+    u_typed, _ = typed.update(grads, typed.init(params), params)
+    u_raw, _ = raw.update(grads, raw.init(params), params)
+    np.testing.assert_array_equal(_flat(u_typed, 0), _flat(u_raw, 0))
+    for bad in (1.5, True, "0", None):
+        with pytest.raises(TypeError, match=r"seed must be an int \(or pass key=\), got"):
+            make(3, seed=bad)
+
+
 @pytest.mark.parametrize(("purity", "kept"), [(1.0, np.maximum), (0.0, np.minimum)])
 def test_graddrop_purity_fn_decides_the_sign(purity, kept):
     """f(P) = 1 beats every draw in [0, 1): only positive values pass; f(P) = 0: only negative."""

@@ -9,6 +9,7 @@ training step with ``optax.adam`` for every registered scalarizer.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
@@ -180,6 +181,22 @@ def test_random_draws_are_a_softmax_of_standard_normals():
     np.testing.assert_allclose(w3, w1, rtol=1e-6)
     np.testing.assert_array_equal(s3.key, s2.key)
     np.testing.assert_array_equal(run()[1][0], w1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [S.random, functools.partial(S.pbi, theta=5.0), functools.partial(S.cosmos, lambda_=2.0)],
+    ids=["random", "pbi", "cosmos"],
+)
+def test_random_scalarizers_refuse_a_non_integer_seed(make):
+    for bad in (0.5, True, "1"):
+        with pytest.raises(TypeError, match=r"seed must be an int \(or pass key=\), got"):
+            make(3, seed=bad)
+    typed, raw = make(3, key=jax.random.key(2)), make(3, key=jax.random.PRNGKey(2))
+    losses = jnp.array([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(
+        typed.scalarize(losses, typed.init())[1][0], raw.scalarize(losses, raw.init())[1][0]
+    )
 
 
 def test_preferences_are_dirichlet():

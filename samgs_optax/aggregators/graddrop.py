@@ -99,10 +99,10 @@ def graddrop(
             _validation.check_interval("leak", x, 0.0, 1.0, closed_high=True)
     if purity_fn is not None and not callable(purity_fn):
         raise TypeError(f"purity_fn must be callable or None, got {purity_fn!r}.")
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = _validation.initial_key(seed, key)
 
     def init_fn(params: PyTree) -> GradDropState:
-        return GradDropState(shared=resolve_layout(mask, params), key=jnp.asarray(start))
+        return GradDropState(shared=resolve_layout(mask, params), key=start)
 
     def update_fn(updates: PyTree, state: GradDropState, params: PyTree = None):
         del params

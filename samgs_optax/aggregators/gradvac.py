@@ -174,7 +174,7 @@ def gradvac(
     num_tasks = _validation.check_num_tasks(num_tasks)
     _validation.check_interval("beta", beta, 0.0, 1.0, closed_high=True)
     _validation.check_interval("eps", eps, 0.0, float("inf"), closed_high=True)
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = _validation.initial_key(seed, key)
 
     def init_fn(params: PyTree) -> GradVacState:
         scalar = _validation.scalar_dtype(params)
@@ -182,7 +182,7 @@ def gradvac(
             shared=resolve_layout(mask, params),
             weights=jnp.zeros([num_tasks], scalar),
             phi_hat=jnp.zeros([num_tasks, num_tasks], scalar),
-            key=jnp.asarray(start),
+            key=start,
         )
 
     def update_fn(updates: PyTree, state: GradVacState, params: PyTree = None):

@@ -89,14 +89,14 @@ def pcgrad(
       Learning*, NeurIPS 2020, https://arxiv.org/abs/2001.06782
     """
     num_tasks = _validation.check_num_tasks(num_tasks)
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = _validation.initial_key(seed, key)
 
     def init_fn(params: PyTree) -> PCGradState:
         scalar = _validation.scalar_dtype(params)
         return PCGradState(
             shared=resolve_layout(mask, params),
             weights=jnp.zeros([num_tasks], scalar),
-            key=jnp.asarray(start),
+            key=start,
         )
 
     def update_fn(updates: PyTree, state: PCGradState, params: PyTree = None):

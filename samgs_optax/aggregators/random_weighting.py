@@ -73,14 +73,14 @@ def random_weighting(
       https://arxiv.org/abs/2111.10603; TorchJD's ``torchjd.aggregation.Random``.
     """
     num_tasks = _validation.check_num_tasks(num_tasks)
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = _validation.initial_key(seed, key)
 
     def init_fn(params: PyTree) -> RandomWeightingState:
         scalar = _validation.scalar_dtype(params)
         return RandomWeightingState(
             shared=resolve_layout(mask, params),
             weights=jnp.zeros([num_tasks], scalar),
-            key=jnp.asarray(start),
+            key=start,
         )
 
     def update_fn(updates: PyTree, state: RandomWeightingState, params: PyTree = None):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from samgs_optax._validation import initial_key
 from samgs_optax.scalarizers._base import (
     Scalarizer,
     ScalarizeResult,
@@ -236,12 +237,12 @@ def _preference(
 
 def _drawn(num_tasks, fixed, concentration, seed, key, total_of) -> Scalarizer:
     """A scalarizer whose preference is fixed, given per call, or drawn from a Dirichlet."""
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = initial_key(seed, key)
 
     def init_fn(losses: chex.ArrayLike | None = None) -> PreferenceState:
         if losses is not None:
             check_losses(losses, num_tasks)
-        return PreferenceState(key=jnp.asarray(start))
+        return PreferenceState(key=start)
 
     def scalarize_fn(
         losses: chex.Array, state: PreferenceState, *, preference: chex.Array | None = None

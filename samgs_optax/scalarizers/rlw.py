@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from samgs_optax._validation import initial_key
 from samgs_optax.scalarizers._base import (
     Scalarizer,
     ScalarizeResult,
@@ -51,12 +52,12 @@ def random(num_tasks: int, *, seed: int = 0, key: chex.PRNGKey | None = None) ->
       https://arxiv.org/abs/2111.10603
     """
     num_tasks = num_tasks_checked(num_tasks)
-    start = jax.random.PRNGKey(seed) if key is None else key
+    start = initial_key(seed, key)
 
     def init_fn(losses: chex.ArrayLike | None = None) -> RandomState:
         if losses is not None:
             check_losses(losses, num_tasks)
-        return RandomState(key=jnp.asarray(start))
+        return RandomState(key=start)
 
     def scalarize_fn(
         losses: chex.Array, state: RandomState, *, noise: chex.Array | None = None
