@@ -83,8 +83,11 @@ def load() -> str:
 
 
 def command() -> str:
-    """The command line that produced the figures, relative to the repository root."""
-    return " ".join(["python", *map(shlex.quote, sys.argv)])
+    """The command line that produced the figures, relative to the repository root, after
+    the ``XLA_FLAGS`` it ran under, if any (they change the compiled programs)."""
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    env = [f"XLA_FLAGS={shlex.quote(flags)}"] if flags else []
+    return " ".join([*env, "python", *map(shlex.quote, sys.argv)])
 
 
 def now() -> str:
@@ -369,14 +372,21 @@ section, not absolute times across sections.
 """
 
 
-def run_child(script: str, kind: str, cfg: dict, python: str) -> dict:
+def run_child(script: str, kind: str, cfg: dict, python: str, *, jemalloc: bool = False) -> dict:
     """Runs ``python script --{kind}-child JSON(cfg)`` in its own process (so that its memory
-    figures are its own) and returns the JSON object its last stdout line holds."""
+    figures are its own) and returns the JSON object its last stdout line holds; with
+    ``jemalloc`` the child runs with :data:`JEMALLOC` preloaded (:data:`JEMALLOC_CONF`)."""
     import json
     import subprocess
 
+    env = dict(os.environ)
+    if jemalloc:
+        env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
     proc = subprocess.run(
-        [python, script, f"--{kind}-child", json.dumps(cfg)], capture_output=True, text=True
+        [python, script, f"--{kind}-child", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} child {cfg} failed:\n{proc.stderr[-3000:]}")

@@ -19,10 +19,13 @@ each in its own process so that its memory figures are its own:
   K backward passes) and ``chain(samgs(K, mask=encoder), scale(K),
   clip_by_global_norm(1), adam)`` on the heads-masked tree, jitted, parameters and
   optimizer state donated;
-* **floor** (JAX, same process): the cost of one forward plus K backward passes,
-  ``t_fwd + K (t_grad - t_fwd)``, from the jitted forward (``t_fwd``) and the
-  jitted gradient of the summed loss (``t_grad``); ``ours/floor`` divides by it,
-  ``ours/(floor+Adam)`` also adds the optimizer step every trainer pays
+* **floor** (JAX, same process): one forward plus K backward passes, measured: the
+  jitted ``value_and_jacrev`` of ours (same mode) with the K gradients summed over
+  tasks instead of stacked, so XLA never forms the K x D array, and the program ends
+  there (an earlier version estimated it as ``t_fwd + K (t_grad - t_fwd)`` from the
+  jitted forward and the gradient of the summed loss; K times a difference of two
+  timings, it moved by 2x between runs: still printed as ``est``); ``ours/floor``
+  divides by it, ``ours/(floor+Adam)`` also adds the optimizer step every trainer pays
   (``t_LS - t_grad``), and ``ours/(floor+update)`` adds instead the whole optimizer
   chain of ours (SAM-GS, scale, clip, Adam, apply) timed alone on fixed stacked
   gradients (``t_update``): where the step is memory-bound (an MLP on CPU) that chain
@@ -50,6 +53,7 @@ Usage::
     python benchmarks/bench_trainer_vs_authors.py            # all, writes RESULTS.md
     python benchmarks/bench_trainer_vs_authors.py --quick    # mlp, K=2, no RESULTS.md
     python benchmarks/bench_trainer_vs_authors.py --models conv --ks 2,10
+    python benchmarks/bench_trainer_vs_authors.py --jemalloc   # both sides on jemalloc (CPU)
 
 PyTorch runs in this interpreter if ``import torch`` works, else in
 ``--torch-python`` (default ``/work/venv-torch/bin/python`` or
@@ -292,7 +296,13 @@ def jax_child(cfg: dict) -> dict:
                 args = (*res[: len(donate)], *args[len(donate) :])
         return 1e3 * _median(times), mib
 
+    def k_backward(p, x, y):
+        """One forward and K backward passes as ours runs them, gradients summed, not stacked."""
+        losses, grads = samgs_optax.value_and_jacrev(task_losses, mode=cfg["mode"])(p, x, y)
+        return losses, jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+
     out["fwd_ms"], _ = timed(task_losses, params, x, y)
+    out["floor_ms"], _ = timed(k_backward, params, x, y)
     out["grad_ms"], _ = timed(jax.value_and_grad(summed), params, x, y)
     fresh = jax.tree.map(jnp.array, params)
     out["ls_ms"], out["ls_mib"] = timed(ls_step, fresh, ls_tx.init(fresh), x, y, donate=(0, 1))
@@ -318,7 +328,7 @@ def jax_child(cfg: dict) -> dict:
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["gpu_peak_mib"] = stats.get("peak_bytes_in_use", 0) / 2**20
-    out["floor_ms"] = out["fwd_ms"] + k * (out["grad_ms"] - out["fwd_ms"])
+    out["floor_est_ms"] = out["fwd_ms"] + k * (out["grad_ms"] - out["fwd_ms"])
     out["adam_ms"] = max(out["ls_ms"] - out["grad_ms"], 0.0)
     out["shared_params"] = sum(v.size for v in jax.tree.leaves(params["encoder"]))
     return out
@@ -353,6 +363,11 @@ def main() -> None:
         choices=("reshape", "reduce_window"),
         help="how our conv model writes its 2x2 max-pool (same function; see docs/performance.md)",
     )
+    parser.add_argument(
+        "--jemalloc",
+        action="store_true",
+        help="preload jemalloc (page purging off) in both frameworks' processes",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
@@ -370,12 +385,15 @@ def main() -> None:
     import _common
 
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    if args.jemalloc and not os.path.exists(_common.JEMALLOC):
+        raise SystemExit(f"{_common.JEMALLOC} not found (apt-get install libjemalloc2)")
     models = ["mlp"] if args.quick else args.models.split(",")
     ks = [2] if args.quick else [int(k) for k in args.ks.split(",")]
     steps = 2 if args.quick else args.steps
     tpy = torch_python(args.torch_python)
     if tpy is None:
         print("no PyTorch interpreter found: only the JAX columns are measured")
+    mall = args.jemalloc
     rows = []
     for model in models:
         for k in ks:
@@ -388,9 +406,9 @@ def main() -> None:
                 "mode": args.mode,
                 "pool": args.pool,
             }
-            r = {**cfg, **_common.run_child(__file__, "jax", cfg, sys.executable)}
+            r = {**cfg, **_common.run_child(__file__, "jax", cfg, sys.executable, jemalloc=mall)}
             if tpy is not None:
-                t = _common.run_child(__file__, "torch", cfg, tpy)
+                t = _common.run_child(__file__, "torch", cfg, tpy, jemalloc=mall)
                 r.update({f"torch_{key}": v for key, v in t.items() if key.endswith(("ms", "mib"))})
                 r["torch_device"], r["torch_version"] = t["device"], t["torch"]
                 r["torch_threads"] = t["threads"]
@@ -405,7 +423,7 @@ def main() -> None:
             print(
                 f"{model:4s} K={k:2d} B={batch:3d}  ours {r['ours_ms']:9.1f} ms "
                 f"({r['ours_mib']:7.0f} MiB)  floor {r['floor_ms']:9.1f} ms "
-                f"(x{r['ours_ms'] / r['floor_ms']:4.2f}; "
+                f"(est {r['floor_est_ms']:.1f}; x{r['ours_ms'] / r['floor_ms']:4.2f}; "
                 f"+Adam x{r['ours_ms'] / (r['floor_ms'] + r['adam_ms']):4.2f}; "
                 f"+update {r['update_ms']:.1f} ms "
                 f"x{r['ours_ms'] / (r['floor_ms'] + r['update_ms']):4.2f})"
@@ -454,7 +472,8 @@ def main() -> None:
                 f"{r['torch_torch_ls_ms']:.1f}",
             ]
         table.append(row)
-    section = f"bench_trainer_vs_authors-{backend}"
+    section = f"bench_trainer_vs_authors-{backend}" + ("-jemalloc" if mall else "")
+    section += "-xla-flags" if os.environ.get("XLA_FLAGS", "").strip() else ""
     torch_line = (
         f"PyTorch {rows[0]['torch_version']} on {rows[0]['torch_device']} "
         f"({rows[0]['torch_threads']} threads)"
@@ -464,12 +483,14 @@ def main() -> None:
     body = [
         f"## {section}: a whole SAM-GS training step, ours against the authors' trainer flow",
         "",
-        f"- machine: {_common.machine()}; {torch_line}; load {_common.load()}",
+        f"- machine: {_common.machine()}; {torch_line}; load {_common.load()}; "
+        f"allocator: {'jemalloc (LD_PRELOAD, ' + _common.JEMALLOC_CONF + ')' if mall else 'glibc'}",
         f"- command: `{_common.command()}`; date: {_common.now()}",
         f"- medians of {steps} steps after 2 warm-up steps, each configuration in its own "
         f"processes; ours: `value_and_jacrev(mode={args.mode!r})` + the authors' recipe, "
         f"conv max-pool written as `--pool {args.pool}`; "
-        "floor: one forward + K backward passes (`t_fwd + K (t_grad - t_fwd)`, same process); "
+        "floor: one forward + K backward passes, measured (ours' `value_and_jacrev` with the "
+        "gradients summed over tasks, not stacked; same process); "
         "update: our optimizer chain alone (SAM-GS, scale, clip, Adam, apply) on fixed "
         "stacked gradients; "
         "ours MiB: XLA's buffers for one step; authors MiB: peak RSS growth (CPU) or "
