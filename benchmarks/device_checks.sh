@@ -4,8 +4,12 @@
 #
 #   run(command="bash benchmarks/device_checks.sh", carry=[".whl", ".authors"], timeout_s=590)
 #
-# or one stage at a time: `bash benchmarks/device_checks.sh suite|update|trainer|paper|determinism`.
-# Each stage's output lands in $OUT/<stage>.txt (at most 8 files come back), env.txt first.
+# or some stages: `bash benchmarks/device_checks.sh "update trainer"` (one quoted argument; stages:
+# suite, update, trainer, determinism, paper).
+# Each stage's output lands in $OUT/<stage>.txt, env.txt first. The stages run in order of
+# priority under one deadline (DEADLINE seconds from the start, default 560, inside the tool's
+# 590): each gets at most its own limit and what is left, and a stage with under 20 s left is
+# skipped with a line saying so, so every file comes back even when the suite runs long.
 #
 # The machine's python3 has jax[cuda13], optax, flax, chex, orbax, hypothesis, pytest-xdist, tqdm,
 # pillow and torch, and no network. What must travel, prepared here first (both in .gitignore):
@@ -29,7 +33,8 @@ fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 SMOKE=${SMOKE:-0}
-STAGES=${1:-suite update trainer paper determinism}
+STAGES=${1:-suite update trainer determinism paper}
+DEADLINE=${DEADLINE:-560}
 
 {
     date -u
@@ -39,9 +44,14 @@ STAGES=${1:-suite update trainer paper determinism}
 } 2>&1 | tee "$OUT/env.txt"
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
-    local name=$1 limit=$2
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
     shift 2
-    echo "== $name: $*" | tee "$OUT/$name.txt"
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left} s left of the ${DEADLINE} s deadline: $*" | tee "$OUT/$name.txt"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "== $name (limit ${limit} s): $*" | tee "$OUT/$name.txt"
     local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
     echo "== $name: rc ${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
@@ -53,13 +63,16 @@ for s in $STAGES; do
         if [ "$SMOKE" = 1 ]; then
             stage suite 300 "$PY" -m pytest -q -x tests/test_jacobian.py tests/test_precision.py
         else
-            stage suite 330 "$PY" -m pytest -n 8 --maxprocesses=8 --durations=15 -p no:cacheprovider tests/
+            # -v: one line per test as it finishes, so a suite cut by its limit still says which
+            # tests failed so far
+            stage suite 300 "$PY" -m pytest -n 8 --maxprocesses=8 -v -rfE --durations=15 \
+                -p no:cacheprovider tests/
         fi ;;
     update)  # the SAM-GS update against a device copy, XLA and the Pallas kernel
         if [ "$SMOKE" = 1 ]; then
             stage update 120 "$PY" benchmarks/bench_update.py --quick --no-write
         else
-            stage update 120 "$PY" benchmarks/bench_update.py --implementation both \
+            stage update 90 "$PY" benchmarks/bench_update.py --implementation both \
                 --ks 2,10 --ds 1e6,1e7,1e8 --max-kd 1000000000 --budget 1 --no-write
         fi ;;
     trainer)  # a whole step against the authors' trainer flow (PyTorch on the same GPU)
@@ -67,14 +80,16 @@ for s in $STAGES; do
             stage trainer 300 "$PY" benchmarks/bench_trainer_vs_authors.py --quick --no-write \
                 ${TORCH_PY:+--torch-python "$TORCH_PY"}
         else
-            stage trainer 120 "$PY" benchmarks/bench_trainer_vs_authors.py --ks 2,10 --steps 10 \
+            stage trainer 100 "$PY" benchmarks/bench_trainer_vs_authors.py --ks 2,10 --steps 10 \
                 --torch-python "$PY" --no-write
+            stage trainer-k40 40 "$PY" benchmarks/bench_trainer_vs_authors.py --models conv \
+                --ks 40 --steps 5 --torch-python "$PY" --no-write
         fi ;;
     paper)  # the paper benchmarks' steps at their real shapes, ours and (with .authors) theirs
         args=(--no-write)
         [ "$SMOKE" = 1 ] && args+=(--quick)
         [ -d .authors ] && args+=(--authors-repo .authors --torch-python "${TORCH_PY:-$PY}")
-        stage paper 120 "$PY" benchmarks/bench_paper.py "${args[@]}" ;;
+        stage paper 90 "$PY" benchmarks/bench_paper.py "${args[@]}" ;;
     determinism)  # what --deterministic costs: MultiMNIST SAM-GS, 1 epoch, with and without
         epochs=1
         [ "$SMOKE" = 1 ] && epochs=0
@@ -83,10 +98,10 @@ for s in $STAGES; do
                 stage "determinism${flag:+-on}" 300 "$PY" examples/multimnist.py --method samgs \
                     --quick --no-progress $flag
             else
-                stage "determinism${flag:+-on}" 90 "$PY" examples/multimnist.py --method samgs \
+                stage "determinism${flag:+-on}" 60 "$PY" examples/multimnist.py --method samgs \
                     --epochs $epochs --no-progress $flag
             fi
         done ;;
-    *) echo "unknown stage $s (suite, update, trainer, paper, determinism)"; exit 2 ;;
+    *) echo "unknown stage $s (suite, update, trainer, determinism, paper)"; exit 2 ;;
     esac
 done
