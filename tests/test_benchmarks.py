@@ -109,6 +109,20 @@ def test_bench_passes_quick_runs():
     assert "step x" in proc.stdout and "blocked 16384 x" in proc.stdout, proc.stdout
 
 
+def test_bench_norms_quick_runs():
+    """Every norms variant agrees with the plain norms (checked inside) and is timed."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_norms.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    for name in ("plain", "variadic", "two_pass", "cond"):
+        assert any(line.startswith(f"K= 2 {name} ") and "MLP step" in line for line in lines)
+
+
 def test_bench_update_times_both_implementations():
     """The GPU session's command, tiny: XLA and the Pallas kernel (interpreted on CPU)."""
     proc = subprocess.run(
