@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,6 +41,15 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
     others keeps its norm. Entries below 1.2e-38 are flushed on CPU before any
     scaling can help. (An earlier ``lax.cond`` fallback cost a K x D buffer
     inside a jitted training step: ``docs/performance.md``.)
+
+    Accuracy: XLA:CPU runs a variadic reduction as one sequential loop, so each leaf
+    is summed in blocks (:func:`_blocked_sums`): the largest axis that is not
+    explicitly sharded first, 4096 entries at a time, then the partial sums. No
+    loop adds more than ~8192 terms (a single float32 loop stops growing past 2^24
+    equal terms). Explicitly sharded axes are never reshaped, so only the K sums
+    cross devices; under auto (GSPMD) sharding a blocked axis that happens to be
+    sharded costs some data movement, not accuracy. Leaves under 8192 entries per
+    task are summed in one reduction.
     """
     leaves = [x.astype(dtype) for x in jax.tree.leaves(stacked)]
 
@@ -58,15 +68,14 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
     lo, hi = gramian_range(sum(math.prod(x.shape[1:]) for x in leaves), dtype)
     scale_down, scale_up = jnp.asarray(2.0**-e, dtype), jnp.asarray(2.0**e, dtype)
 
+    zero = jnp.zeros((), dtype)
+
+    def add3(a, b):
+        return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
     def three_sums(x):
         xd, xu = x * scale_down, x * scale_up
-        zero = jnp.zeros((), dtype)
-        return jax.lax.reduce(
-            (x * x, xd * xd, xu * xu),
-            (zero, zero, zero),
-            lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
-            tuple(range(1, x.ndim)),
-        )
+        return _blocked_sums((x * x, xd * xd, xu * xu), _sharded_axes(x), (zero,) * 3, add3)
 
     per_leaf = [three_sums(x) for x in leaves]
     sq, down, up = (sum(s[i] for s in per_leaf[1:]) + per_leaf[0][i] for i in range(3))
@@ -81,6 +90,46 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
             pow2_scale(jnp.sqrt(up), -e),
         ),
     )
+
+
+_BLOCK = 4096
+"""Longest run of terms that one sequential reduction loop adds in :func:`task_norms`."""
+
+
+def _sharded_axes(x: jax.Array) -> tuple[bool, ...]:
+    """Per axis of ``x``: sharded in its type (explicit sharding), so not to be reshaped."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+    spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+    return tuple(axis is not None for axis in spec[: x.ndim])
+
+
+def _blocked_sums(parts: tuple, sharded: tuple[bool, ...], zeros: tuple, add: Callable) -> tuple:
+    """Sums of ``parts`` (same shapes, leading task axis kept) over every other axis.
+
+    XLA:CPU runs a variadic reduction as one sequential loop, and a float32 sum of many
+    terms in one loop loses digits (it stops growing past 2^24 terms of one size). So the
+    largest axis not sharded is summed first, in blocks of :data:`_BLOCK` entries when it is
+    longer, and the partial sums recursively: no loop adds more than about 2 x _BLOCK terms.
+    Sharded axes are never reshaped and are summed last, so only the K sums cross devices.
+    """
+    shape = parts[0].shape
+    free = [a for a in range(1, len(shape)) if not sharded[a]]
+    if math.prod(shape[1:]) < 2 * _BLOCK or not free:
+        return jax.lax.reduce(parts, zeros, add, tuple(range(1, len(shape))))
+    axis = max(free, key=lambda a: (shape[a], a))
+    n = shape[axis]
+    if n < 2 * _BLOCK:  # sum the whole axis, then what is left
+        kept = sharded[:axis] + sharded[axis + 1 :]
+        return _blocked_sums(jax.lax.reduce(parts, zeros, add, (axis,)), kept, zeros, add)
+    full = n // _BLOCK * _BLOCK
+    blocks = shape[:axis] + (full // _BLOCK, _BLOCK) + shape[axis + 1 :]
+    main = tuple(jax.lax.slice_in_dim(p, 0, full, axis=axis).reshape(blocks) for p in parts)
+    block_sums = jax.lax.reduce(main, zeros, add, (axis + 1,))  # the axis now counts blocks
+    sums = _blocked_sums(block_sums, sharded, zeros, add)
+    if full == n:
+        return sums
+    tail = tuple(jax.lax.slice_in_dim(p, full, n, axis=axis) for p in parts)
+    return add(sums, _blocked_sums(tail, sharded, zeros, add))
 
 
 def pairwise_similarity(norms: jax.Array) -> jax.Array:
