@@ -97,6 +97,15 @@ def test_compiled_step_gathers_nothing(report, axis_types):
         assert elements <= 8 * K, ops
 
 
+def test_blocked_norms_of_large_sharded_leaves(report):
+    """Large leaves are summed in blocks (accuracy), never along a sharded axis: the norms
+    match float64 and only K partial sums per device cross devices."""
+    assert len(report["large_leaf_norms"]) == 3
+    for err, ops in report["large_leaf_norms"]:
+        assert err < 5e-6
+        assert ops and all(op in ("all-reduce", "all-gather") and n <= 8 * K for op, n in ops)
+
+
 def test_data_parallel_gradients_are_the_global_ones(report):
     dp = report["data_parallel"]
     assert dp["err_jit_vs_device"] < TOL_DEVICE
@@ -230,7 +239,27 @@ def _child() -> dict:  # pragma: no cover - runs in the subprocess
         out[label] = res
 
     out["data_parallel"] = _data_parallel(jax, jnp, optax, samgs_optax, P, NamedSharding)
+    out["large_leaf_norms"] = _large_leaf_norms(jax, jnp, samgs_optax, P, NamedSharding, AxisType)
     return out
+
+
+def _large_leaf_norms(jax, jnp, samgs_optax, P, NamedSharding, AxisType) -> list:
+    """task_norms(rescale=True) of leaves large enough to be summed in blocks, explicitly
+    sharded on each axis: (relative error vs float64, collectives of the compiled norms)."""
+    mesh = jax.make_mesh((DEVICES,), ("m",), axis_types=(AxisType.Explicit,))
+    cases = [((K, 16384, 64), P(None, "m", None)), ((K, 16384, 64), P(None, None, "m"))]
+    cases.append(((K, 40000), P(None, "m")))
+    found = []
+    for shape, spec in cases:
+        x = np.random.default_rng(len(found)).standard_normal(shape).astype(np.float32)
+        want = np.sqrt((x.astype(np.float64) ** 2).reshape(K, -1).sum(axis=1))
+        with jax.set_mesh(mesh):
+            leaf = jax.device_put(jnp.asarray(x), NamedSharding(mesh, spec))
+            norms = jax.jit(lambda t: samgs_optax.task_norms(t, rescale=True))
+            got = np.asarray(norms({"w": leaf}))
+            hlo = norms.lower({"w": leaf}).compile().as_text()
+        found.append([relative_error(got, want), _collectives(hlo)])
+    return found
 
 
 def _collectives(hlo: str) -> list[tuple[str, int]]:
