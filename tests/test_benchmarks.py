@@ -32,6 +32,19 @@ def _traffic(fn, *args) -> int:
     return _common.hlo_traffic_bytes(jax.jit(fn).lower(*args).compile().as_text())
 
 
+def _run_script(name: str, *args: str, timeout: int = 300, env: dict | None = None) -> str:
+    """stdout of ``python benchmarks/<name> *args``, which must exit with 0."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_traffic_of_elementwise_programs():
     x = jnp.ones(N)
     assert _traffic(lambda x: x * 2, x) == 2 * N * F32  # read x, write the result
@@ -99,63 +112,41 @@ def test_samgs_step_makes_three_passes_catches_an_extra_pass():
 
 def test_bench_passes_quick_runs():
     """Also checks that the blocked variant computes the same u and m as the library."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_passes.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step x" in proc.stdout and "blocked 16384 x" in proc.stdout, proc.stdout
+    out = _run_script("bench_passes.py", "--quick")
+    assert "step x" in out and "blocked 16384 x" in out, out
 
 
 def test_bench_norms_quick_runs():
     """Every norms variant agrees with the plain norms (checked inside) and is timed."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_norms.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines = _run_script("bench_norms.py", "--quick").strip().splitlines()
     for name in ("plain", "variadic", "two_pass", "cond"):
         assert any(line.startswith(f"K= 2 {name} ") and "MLP step" in line for line in lines)
 
 
 def test_bench_update_times_both_implementations():
     """The GPU session's command, tiny: XLA and the Pallas kernel (interpreted on CPU)."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_update.py"), "--implementation", "both",
-         "--ks", "2", "--ds", "5000", "--budget", "0.1", "--allocators", "glibc", "--no-write"],
-        capture_output=True, text=True, timeout=300,
+    out = _run_script(
+        "bench_update.py", "--implementation", "both", "--ks", "2", "--ds", "5000",
+        "--budget", "0.1", "--allocators", "glibc", "--no-write",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+    line = out.strip().splitlines()[-1]
     assert "K=  2" in line and " xla " in line and "| pallas" in line and "vs xla" in line, line
 
 
 def test_bench_trainer_vs_authors_quick_runs_without_torch():
     """The JAX side on whatever backend it finds; PyTorch absent is not an error."""
     env = dict(os.environ, SAMGS_TORCH_PYTHON="/nonexistent/python")
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_trainer_vs_authors.py"), "--quick",
-         "--torch-python", "/nonexistent/python"],
-        capture_output=True, text=True, timeout=600, env=env,
+    out = _run_script(
+        "bench_trainer_vs_authors.py", "--quick", "--torch-python", "/nonexistent/python",
+        timeout=600, env=env,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
-    assert line.startswith("mlp  K= 2") and "ours" in line and "floor" in line, proc.stdout
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("mlp  K= 2") and "ours" in line and "floor" in line, out
 
 
 def test_bench_paper_quick_runs():
     """examples/paper/train.py's step at CelebA's real image shape, timed (PyTorch not asked)."""
     for module in ("PIL", "tqdm"):  # the examples extra, which train.py needs
         pytest.importorskip(module)
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_paper.py"), "--quick"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+    line = _run_script("bench_paper.py", "--quick", timeout=600).strip().splitlines()[-1]
     assert line.startswith("celeba:cnn:ls:8") and "s/step" in line and "GFLOP" in line, line
