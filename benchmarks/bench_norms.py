@@ -45,9 +45,9 @@ from samgs_optax.similarity import task_norms
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
+from bench_trainer_vs_authors import MLP_SIZES  # noqa: E402  (the same encoder)
 
 SAMGS_MODULE = importlib.import_module("samgs_optax.samgs")  # the module, not the function
-MLP_SIZES = (1024, 2048, 2048, 2048, 2048)
 
 
 def _reduce_axes(x: jax.Array) -> tuple[int, ...]:

@@ -93,7 +93,7 @@ def task_norms(stacked: PyTree, dtype: Any = jnp.float32, *, rescale: bool = Fal
 
 
 _BLOCK = 4096
-"""Longest run of terms that one sequential reduction loop adds in :func:`task_norms`."""
+"""Entries per block in :func:`task_norms`' blocked sums (no loop adds more than 2 x _BLOCK)."""
 
 
 def _sharded_axes(x: jax.Array) -> tuple[bool, ...]:
